@@ -1,0 +1,158 @@
+"""Middleware overhead: the shield against slowapi, in-process, in the same run.
+
+Drives each ASGI app directly (no server, no HTTP client): a bare Starlette model
+endpoint, the same app behind slowapi (its pure-ASGI middleware, with a limit high
+enough never to trigger) and behind the shield (limiter only). Rounds are
+interleaved so that machine noise hits every variant alike; each figure is the
+median over rounds of the mean µs per request in that round. Overheads are
+differences from the bare app; the verdict is the ratio of overheads, which is what
+survives a noisy shared machine.
+
+    python benchmarks/overhead.py            # markdown table
+    python benchmarks/overhead.py --json     # for machines
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from slowapi import Limiter as SlowLimiter
+from slowapi.middleware import SlowAPIASGIMiddleware
+from slowapi.util import get_remote_address
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message
+
+from asgi_extraction_shield import ExtractionShield
+
+BODY = json.dumps({"instances": [[0.5] * 64]}).encode()
+PROBABILITIES = [[0.1] * 10]
+
+
+def model_app() -> Starlette:
+    async def predict(request: Request) -> JSONResponse:
+        await request.body()
+        return JSONResponse({"predictions": PROBABILITIES})
+
+    return Starlette(routes=[Route("/v1/models/m:predict", predict, methods=["POST"])])
+
+
+def slowapi_app() -> ASGIApp:
+    app = model_app()
+    limiter = SlowLimiter(key_func=get_remote_address, default_limits=["100000000/minute"])
+    app.state.limiter = limiter
+    app.add_middleware(SlowAPIASGIMiddleware)
+    return app
+
+
+def shield_app() -> ASGIApp:
+    return ExtractionShield(
+        model_app(), rate_limit="100000000/minute", secret_key="benchmark-secret-key-0123456789"
+    )
+
+
+def scope() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/models/m:predict",
+        "raw_path": b"/v1/models/m:predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"bench"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(BODY)).encode()),
+            (b"x-api-key", b"client-0001"),
+        ],
+        "client": ("203.0.113.7", 50000),
+        "server": ("bench", 80),
+    }
+
+
+async def receive() -> Message:
+    return {"type": "http.request", "body": BODY, "more_body": False}
+
+
+async def run_round(app: ASGIApp, n: int) -> float:
+    statuses: list[int] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    start = time.perf_counter()
+    for _ in range(n):
+        await app(scope(), receive, send)
+    elapsed = time.perf_counter() - start
+    if set(statuses) != {200}:
+        raise RuntimeError(f"unexpected statuses {set(statuses)}")
+    return elapsed / n * 1e6
+
+
+async def measure(variants: dict[str, ASGIApp], rounds: int, n: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for name in names:  # warm-up: imports, caches, first-call paths
+        await run_round(variants[name], n // 4 or 1)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            samples[name].append(await run_round(variants[name], n))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per round")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    logging.getLogger("asgi_extraction_shield").setLevel(logging.ERROR)
+
+    builders: dict[str, Callable[[], ASGIApp]] = {
+        "bare": model_app,
+        "slowapi": slowapi_app,
+        "shield (limiter only)": shield_app,
+    }
+    variants = {name: build() for name, build in builders.items()}
+    medians = asyncio.run(measure(variants, args.rounds, args.requests))
+    bare = medians["bare"]
+    slow_overhead = medians["slowapi"] - bare
+    result: dict[str, Any] = {
+        "us_per_request": medians,
+        "overhead_us": {name: value - bare for name, value in medians.items() if name != "bare"},
+        "ratio_shield_to_slowapi_overhead": (medians["shield (limiter only)"] - bare)
+        / slow_overhead,
+        "rounds": args.rounds,
+        "requests_per_round": args.requests,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("| variant | µs/request | overhead µs |")
+        print("|---|---:|---:|")
+        for name, value in medians.items():
+            overhead = "" if name == "bare" else f"{value - bare:.1f}"
+            print(f"| {name} | {value:.1f} | {overhead} |")
+        print(
+            f"\nshield overhead / slowapi overhead = "
+            f"{result['ratio_shield_to_slowapi_overhead']:.3f}"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()
