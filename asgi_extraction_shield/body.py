@@ -45,6 +45,15 @@ class BufferedBody:
         return replaying_receive
 
 
+def with_body_length(scope: Scope, length: int) -> Scope:
+    """A copy of ``scope`` whose ``Content-Length`` is ``length`` (for a rewritten body)."""
+    headers = [
+        (k, v) for k, v in scope["headers"] if k not in (b"content-length", b"transfer-encoding")
+    ]
+    headers.append((b"content-length", str(length).encode()))
+    return {**scope, "headers": headers}
+
+
 def declared_length(scope: Scope) -> int | None:
     for key, value in scope["headers"]:
         if key == b"content-length":

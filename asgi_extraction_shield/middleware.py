@@ -19,10 +19,11 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 from typing_extensions import Unpack
 
-from .body import BufferedBody, read_body
+from .body import BufferedBody, read_body, with_body_length
 from .errors import ConfigurationError, StorageError
 from .events import EventEmitter, OnEvent, ShieldEvent
-from .formats.base import FlatCost, ParsedRequest, RequestAdapter
+from .formats import build_adapter
+from .formats.base import ParsedRequest, RequestAdapter
 from .identity import (
     ANONYMOUS_KEY,
     Identify,
@@ -36,6 +37,7 @@ from .keys import resolve_secret
 from .limiter import Clock, Decision, Limiter, rate_limit_header, retry_after_seconds
 from .monitor.base import Monitor, NullMonitor
 from .policy import NORMAL, Action, Policy, StaticPolicy
+from .postprocess import build_postprocessor
 from .postprocess.base import PostProcessor, ResponseTransform
 from .problem import ABNORMAL_USAGE, QUOTA_EXCEEDED, send_problem
 from .responder import Responder, with_headers
@@ -50,8 +52,8 @@ def _glob(patterns: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(translate(p) for p in globs)) if globs else None
 
 
-_Admission = tuple[list[tuple[bytes, bytes]], "ResponseTransform | None"]
-"""Headers to add to the response, and the body transform (if any)."""
+_Admission = tuple[list[tuple[bytes, bytes]], "ResponseTransform | None", "bytes | None"]
+"""Headers to add to the response, the body transform, the hardened request body."""
 
 
 @dataclass(slots=True)
@@ -115,10 +117,10 @@ class ExtractionShield:
         )
         self._identify = identify
         self.limiter = Limiter(self.storage, settings.rate, settings.burst, clock)
-        self.adapter: RequestAdapter = adapter or FlatCost()
+        self.adapter: RequestAdapter = adapter or build_adapter(settings)
         self.monitor: Monitor = monitor or NullMonitor()
         self.policy: Policy = policy or StaticPolicy()
-        self.postprocessor = postprocessor
+        self.postprocessor = postprocessor or build_postprocessor(settings, secret)
         # Fast path: with neither monitor nor policy, only the limiter runs.
         self._graded = monitor is not None or policy is not None
         self.events = EventEmitter(on_event)
@@ -185,7 +187,10 @@ class ExtractionShield:
                 send, outcome.status, outcome.type_, outcome.title, outcome.detail, headers, **extra
             )
             return
-        headers, transform = outcome
+        headers, transform, upstream_body = outcome
+        if upstream_body is not None:  # hardened by the format adapter
+            scope = with_body_length(scope, len(upstream_body))
+            replay = BufferedBody(upstream_body, complete=True).replay(receive)
         if transform is not None:
             send = Responder(send, headers, transform)
         elif headers:
@@ -212,8 +217,14 @@ class ExtractionShield:
         request: ParsedRequest = (
             self.adapter.parse_request(scope, buffered.body)
             if buffered.complete
-            else ParsedRequest()
+            else ParsedRequest(problem="the body was not read whole")
         )
+        if self.enforce and (
+            request.refusal is not None
+            or (self.settings.strict and not request.parsed and request.problem)
+        ):
+            detail = request.refusal or f"The request body could not be parsed: {request.problem}."
+            return _Refusal(400, "about:blank", "Bad Request", detail)
         action = await self.policy.current(identity) if self._graded else NORMAL
         cost = (
             request.cost
@@ -236,7 +247,7 @@ class ExtractionShield:
             if self.postprocessor is not None
             else None
         )
-        return self._rate_headers(decision), transform
+        return self._rate_headers(decision), transform, request.upstream_body
 
     async def _grade(
         self, identity: Identity, request: ParsedRequest, before: Action, path: str

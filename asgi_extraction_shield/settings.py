@@ -13,13 +13,14 @@ import logging
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import TypedDict
 
 from .errors import ConfigurationError
 from .identity import parse_networks, parse_sources
 from .limiter import Rate
+from .postprocess.chain import parse_chain
 
 ENV_PREFIX = "EXTRACTION_SHIELD_"
 
@@ -43,6 +44,50 @@ def _split(value: Any) -> Any:
                 ) from None
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
+
+
+FormatName = Literal["auto", "none", "kserve_v1", "oip_v2", "openai", "hf", "generic"]
+
+
+class OpenAISettings(BaseModel):
+    """Request hardening for OpenAI-compatible endpoints (``OPENAI__*``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_top_logprobs: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="Cap on top_logprobs asked of the upstream; larger requests are lowered to it.",
+    )
+    max_logit_bias: int = Field(
+        50,
+        ge=0,
+        description="Most logit_bias entries a request may carry; more gets 400 problem+json.",
+    )
+    logit_bias_with_logprobs: Literal["drop_logprobs", "reject", "allow"] = Field(
+        "drop_logprobs",
+        description="A request with both logit_bias and logprobs: 'drop_logprobs' removes "
+        "the logprobs request upstream, 'reject' answers 400, 'allow' passes it.",
+    )
+
+
+class GenericSettings(BaseModel):
+    """``FORMAT=generic``: dotted paths to the batch lists in request and response (``GENERIC__*``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inputs: str = Field(
+        "", description="Dotted path of the list of inputs in the request, e.g. 'data.rows'."
+    )
+    outputs: str = Field(
+        "", description="Dotted path of the list of outputs in the response, e.g. 'result'."
+    )
+    output_kind: Literal["auto", "probabilities", "embeddings", "scores"] = Field(
+        "auto",
+        description="What the output rows are; 'auto' takes rows on the simplex as "
+        "probabilities and other numeric rows as scores.",
+    )
 
 
 class ShieldSettings(BaseSettings):
@@ -144,6 +189,43 @@ class ShieldSettings(BaseSettings):
         description="Send RateLimit-Policy and RateLimit headers (they also tell an "
         "extractor your limits).",
     )
+    format: FormatName = Field(
+        "auto",
+        description="Payload format: 'auto' (by path and body shape), 'kserve_v1', "
+        "'oip_v2', 'openai', 'hf', 'generic' (GENERIC__* paths) or 'none' (cost 1, "
+        "bodies not read for queries).",
+    )
+    strict: bool = Field(
+        False,
+        description="Answer 400 problem+json to a protected request whose body the format "
+        "cannot parse, instead of passing it to the app unexamined.",
+    )
+    distribution_cost: float = Field(
+        2.0,
+        ge=1.0,
+        le=1000.0,
+        description="Cost multiplier for requests that ask for full distributions "
+        "(logprobs, top_logprobs, probability vectors).",
+    )
+    perturbation: str = Field(
+        "none",
+        description="Post-processor chain applied to model outputs, e.g. 'top_k:5,round:3' "
+        "or 'reverse_sigmoid:beta=1,gamma=0.2'; 'none' leaves outputs unchanged.",
+    )
+    max_response_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=0,
+        description="Largest JSON response body buffered for post-processing; larger ones "
+        "pass through unchanged.",
+    )
+    openai: OpenAISettings = Field(
+        default_factory=lambda: OpenAISettings(),
+        description="OpenAI-compatible endpoints (request hardening).",
+    )
+    generic: GenericSettings = Field(
+        default_factory=lambda: GenericSettings(),
+        description="FORMAT=generic: where inputs and outputs are in the JSON bodies.",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -185,27 +267,40 @@ class ShieldSettings(BaseSettings):
                 raise ValueError(f"{path!r} is not a path pattern: expected '/...' or a glob")
         return value
 
+    @field_validator("perturbation")
+    @classmethod
+    def _check_chain(cls, value: str) -> str:
+        parse_chain(value)
+        return value
+
     @property
     def rate(self) -> Rate:
         return Rate.parse(self.rate_limit)
 
     def describe(self) -> list[tuple[str, str, str]]:
         """``(env var, effective value, description)`` per field, secrets masked."""
-        rows = []
+        rows: list[tuple[str, str, str]] = []
         for name, field in type(self).model_fields.items():
             value = getattr(self, name)
-            if isinstance(value, SecretStr):
-                shown = "**********"
-            elif value is None:
-                shown = ""
-            elif isinstance(value, list):
-                shown = ",".join(value)
-            elif isinstance(value, bool):
-                shown = str(value).lower()
-            else:
-                shown = str(value)
-            rows.append((ENV_PREFIX + name.upper(), shown, field.description or ""))
+            if isinstance(value, BaseModel):
+                for sub, subfield in type(value).model_fields.items():
+                    var = f"{ENV_PREFIX}{name.upper()}__{sub.upper()}"
+                    rows.append((var, _show(getattr(value, sub)), subfield.description or ""))
+                continue
+            rows.append((ENV_PREFIX + name.upper(), _show(value), field.description or ""))
         return rows
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        return "**********"
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 class ShieldOverrides(TypedDict, total=False):
@@ -228,6 +323,13 @@ class ShieldOverrides(TypedDict, total=False):
     failure_mode: Literal["open", "closed"]
     secret_key: SecretStr | str | None
     expose_headers: bool
+    format: FormatName
+    strict: bool
+    distribution_cost: float
+    perturbation: str
+    max_response_bytes: int
+    openai: OpenAISettings | dict[str, Any]
+    generic: GenericSettings | dict[str, Any]
 
 
 def _warn_unknown_env() -> None:

@@ -22,7 +22,8 @@ def test_settings_one_line_per_variable_secret_masked(
     assert main(["settings"]) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
-    assert len(lines) == len(ShieldSettings.model_fields)
+    assert len(lines) == len(ShieldSettings().describe())
+    assert any(line.startswith("EXTRACTION_SHIELD_OPENAI__MAX_TOP_LOGPROBS=5 ") for line in lines)
     assert any(line.startswith("EXTRACTION_SHIELD_RATE_LIMIT=42/minute ") for line in lines)
     assert any(line.startswith("EXTRACTION_SHIELD_SECRET_KEY=**********") for line in lines)
     assert all("  # " in line for line in lines)

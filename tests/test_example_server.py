@@ -119,11 +119,15 @@ async def test_bad_input_is_a_client_error_with_a_message(
 
 @pytest.mark.anyio
 async def test_unknown_model_and_too_many_instances() -> None:
-    async with _client(ms.app) as client:
+    batch = {"instances": [ROW] * (ms.MAX_INSTANCES + 1)}
+    async with _client(ms.create_app()) as client:  # the model server's own checks
         unknown = await client.post("/v1/models/nope:predict", json={"instances": [ROW]})
-        too_many = await client.post(PREDICT, json={"instances": [ROW] * (ms.MAX_INSTANCES + 1)})
+        too_many = await client.post(PREDICT, json=batch)
     assert unknown.status_code == 404
     assert too_many.status_code == 422
+    async with _client(ms.app) as client:  # the shield charges one token per instance
+        over = await client.post(PREDICT, json=batch)
+    assert over.status_code == 429 and "1001 tokens" in over.json()["detail"]
 
 
 @pytest.mark.anyio

@@ -1,28 +1,113 @@
-"""Request adapters: what a request asks of the model, and what it costs.
+"""Payload formats: what a request asks of the model, and what the model answered.
 
-An adapter reads the (already buffered) body of a request and tells the limiter its
-cost and the monitor its queries. This version ships the flat adapter (every request
-costs one token); format-aware adapters (OpenAI, KServe, ...) plug in here.
+A :class:`FormatAdapter` knows one wire format (KServe v1, Open Inference Protocol v2,
+OpenAI, Hugging Face, generic JSON paths). On the request side it turns a body into a
+:class:`ParsedRequest`: the queries (for the monitor), the cost (for the limiter), flags
+(what kind of answer is asked for) and, when the request must be hardened, the body to
+send upstream instead. On the response side it reads a decoded JSON document into
+:class:`Outputs` (numpy arrays) and writes changed outputs back into the same document,
+leaving every other field as it was. Adapters never raise on bad input: what they cannot
+parse gives ``parsed=False`` (request) or ``None`` (response), and the bytes pass unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+import numpy as np
+from numpy.typing import NDArray
 from starlette.types import Scope
 
+# Flags a request can carry.
+PROBABILITIES = "probabilities"  # asks for a full probability distribution
+LOGPROBS = "logprobs"  # asks for token log-probabilities
+TOP_LOGPROBS = "top_logprobs"  # asks for alternatives per token
+LOGIT_BIAS = "logit_bias"  # pushes tokens with logit_bias
+STREAM = "stream"  # asks for a server-sent-event stream
+EMBEDDINGS = "embeddings"  # asks for embedding vectors
+HARDENED = "hardened"  # the shield rewrote the request before the app saw it
 
-@dataclass(frozen=True, slots=True)
+DISTRIBUTION_FLAGS = frozenset({PROBABILITIES, LOGPROBS, TOP_LOGPROBS})
+
+
+@dataclass(slots=True)
 class ParsedRequest:
     """What the shield understood of a request.
 
-    ``cost`` tokens are charged to the limiter; ``parsed`` is false when no adapter
-    understood the body (the monitor treats such requests as opaque).
+    ``cost`` tokens are charged to the limiter. ``parsed`` is false when no adapter
+    understood the body (the monitor treats such requests as opaque). ``inputs`` holds
+    one item per query as the API took it; ``keys`` its canonical bytes (what keyed
+    randomness and watermarks are keyed by); ``features`` the numeric queries as a
+    ``(n, d)`` array when they are rectangular; ``texts`` the text queries.
+    ``upstream_body`` is the hardened body to send to the app instead of the original.
     """
 
     cost: int = 1
     parsed: bool = False
+    adapter: FormatAdapter | None = None
+    inputs: list[Any] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
+    features: NDArray[np.float64] | None = None
+    texts: list[str] = field(default_factory=list)
+    flags: frozenset[str] = frozenset()
+    logit_bias_tokens: tuple[str, ...] = ()
+    upstream_body: bytes | None = None
+    problem: str | None = None
+    """Why the body could not be parsed (for ``STRICT=true``'s 400 and for logs)."""
+    refusal: str | None = None
+    """Why the request must be refused with 400 whatever ``STRICT`` says (e.g. too many
+    ``logit_bias`` entries)."""
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probabilities of one generated sequence (an OpenAI choice).
+
+    ``logprobs[i]`` is the chosen token's log-probability; ``top[i]`` the alternatives as
+    ``(token, logprob)`` pairs. Hygiene rewrites these in place.
+    """
+
+    logprobs: list[float]
+    top: list[list[tuple[str, float]]]
+
+
+@dataclass(slots=True)
+class Outputs:
+    """Model outputs found in a response, as arrays a post-processor can change.
+
+    ``probabilities`` are rows on the simplex (non-negative, summing to 1), ``scores``
+    other numeric rows (only rounding applies), ``embeddings`` vectors, ``labels`` class
+    ids, ``tokens`` token log-probabilities. ``keys`` gives each row its canonical
+    input, so that keyed randomness is the same for the same query.
+    """
+
+    keys: list[bytes]
+    probabilities: NDArray[np.float64] | None = None
+    scores: NDArray[np.float64] | None = None
+    embeddings: NDArray[np.float64] | None = None
+    labels: NDArray[np.int64] | None = None
+    tokens: list[TokenLogprobs] | None = None
+
+
+class FormatAdapter(Protocol):
+    """One wire format. Implementations are stateless and built once at start-up."""
+
+    name: str
+
+    def parse_request(self, scope: Scope, doc: Any, body: bytes) -> ParsedRequest:
+        """``doc`` is the decoded JSON body (``None`` when it was not JSON)."""
+        ...
+
+    def read_response(self, doc: Any, request: ParsedRequest) -> Outputs | None:
+        """Outputs of a decoded JSON response, or ``None`` if it is not one of ours."""
+        ...
+
+    def write_response(self, doc: Any, outputs: Outputs, request: ParsedRequest) -> Any:
+        """``doc`` with the outputs written back (in place or a new object)."""
+        ...
 
 
 class RequestAdapter(Protocol):
@@ -32,12 +117,101 @@ class RequestAdapter(Protocol):
 
 
 class FlatCost:
-    """Every request costs ``cost`` tokens, whatever its body."""
+    """Every request costs ``cost`` tokens, whatever its body (``FORMAT=none``)."""
 
     def __init__(self, cost: int = 1) -> None:
         if cost < 0:
             raise ValueError("cost must be non-negative")
-        self._request = ParsedRequest(cost=cost)
+        self._cost = cost
 
     def parse_request(self, scope: Scope, body: bytes) -> ParsedRequest:
-        return self._request
+        return ParsedRequest(cost=self._cost)
+
+
+# -- helpers shared by the adapters --------------------------------------------------------
+
+
+def canonical(item: Any) -> bytes:
+    """Canonical bytes of one input: what "the same query" means for keyed randomness.
+
+    JSON with sorted keys and no whitespace; floats written with 9 significant digits so
+    that float32/float64 round trips of one value map alike.
+    """
+    return json.dumps(_canonical_value(item), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _canonical_value(item: Any) -> Any:
+    if isinstance(item, float):
+        if not math.isfinite(item):
+            return repr(item)
+        return float(f"{item:.9g}")
+    if isinstance(item, list | tuple):
+        return [_canonical_value(v) for v in item]
+    if isinstance(item, dict):
+        return {str(k): _canonical_value(v) for k, v in item.items()}
+    return item
+
+
+def numeric_rows(items: list[Any]) -> NDArray[np.float64] | None:
+    """``(n, d)`` float64 of rectangular, finite numeric inputs (flattened), else ``None``."""
+    if not items:
+        return None
+    try:
+        array = np.asarray(items, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if array.ndim == 0 or array.shape[0] != len(items) or not np.isfinite(array).all():
+        return None
+    return array.reshape(len(items), -1)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def probability_rows(value: Any, tolerance: float = 1e-3) -> NDArray[np.float64] | None:
+    """``value`` as an ``(n, k)`` array if it is a list of probability rows (k >= 2)."""
+    rows = numeric_matrix(value)
+    if rows is None or rows.shape[1] < 2:
+        return None
+    if (rows < 0).any() or (rows > 1).any():
+        return None
+    if not np.allclose(rows.sum(axis=1), 1.0, atol=tolerance):
+        return None
+    return rows
+
+
+def numeric_matrix(value: Any) -> NDArray[np.float64] | None:
+    """``value`` as an ``(n, k)`` float array if it is a non-empty list of equal-length
+    lists of finite numbers (booleans excluded), else ``None``."""
+    if not isinstance(value, list) or not value:
+        return None
+    width = None
+    for row in value:
+        if not isinstance(row, list) or not row or not all(is_number(v) for v in row):
+            return None
+        if width is None:
+            width = len(row)
+        elif len(row) != width:
+            return None
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (OverflowError, ValueError):
+        return None
+    if not np.isfinite(array).all():
+        return None
+    return array
+
+
+def write_like(original: list[Any], values: NDArray[np.float64]) -> list[Any]:
+    """Rows of ``values`` as JSON lists, keeping ints where the original had ints and the
+    value is still integral (JSON types unchanged)."""
+    out: list[Any] = []
+    for row_in, row_out in zip(original, values.tolist(), strict=True):
+        out.append(
+            [
+                int(v) if isinstance(o, int) and float(v).is_integer() else float(v)
+                for o, v in zip(row_in, row_out, strict=True)
+            ]
+        )
+    return out

@@ -1,0 +1,154 @@
+"""Output perturbations: pure numpy functions over rows of model outputs.
+
+Each takes an ``(n, k)`` array of probability rows (non-negative, summing to 1) or an
+``(n, d)`` array of embeddings and returns a new array of the same shape; keyed ones
+take one 64-bit seed per row (see :mod:`.keyed`) so that the same query always gets
+the same answer. None of them imports ASGI: they are reused by the verifier and tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .keyed import choice, normal, uniform
+
+Rows = NDArray[np.float64]
+Seeds = NDArray[np.uint64]
+
+
+def renormalise(q: Rows) -> Rows:
+    """Rows scaled to sum to 1 (a row of zeros stays zeros)."""
+    total = q.sum(axis=1, keepdims=True)
+    out: Rows = np.divide(q, total, out=np.zeros_like(q), where=total > 0)
+    return out
+
+
+def round_simplex(p: Rows, decimals: int) -> Rows:
+    """Round to ``decimals`` places, keeping each row's sum (largest-remainder method).
+
+    Rounding is Tramèr et al.'s (USENIX Security 2016) counter-measure to equation-solving
+    attacks. Plain ``np.round`` breaks the simplex (three thirds round to 0.999); here each
+    row is floored to units of 10^-decimals and the missing units go to the largest
+    remainders, so rows still sum to their original (rounded) total.
+    """
+    scale = 10.0**decimals
+    scaled = p * scale
+    floor = np.floor(scaled + 1e-9)
+    target = np.rint(p.sum(axis=1) * scale)
+    missing = (target - floor.sum(axis=1)).astype(np.int64)
+    remainders = scaled - floor
+    order = np.argsort(-remainders, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(p.shape[1])[None, :].repeat(len(p), 0), axis=1)
+    floor += ranks < missing[:, None]
+    out: Rows = floor / scale
+    return out
+
+
+def round_values(x: Rows, decimals: int) -> Rows:
+    """Plain rounding, for rows that are not probability distributions."""
+    out: Rows = np.round(x, decimals)
+    return out
+
+
+def top_k(p: Rows, k: int, renormalize: bool = True) -> Rows:
+    """Keep the ``k`` largest entries of each row, zero the rest (ties: lowest index first)."""
+    if k >= p.shape[1]:
+        same: Rows = p.copy()
+        return same
+    order = np.argsort(-p, axis=1, kind="stable")
+    keep = np.zeros_like(p, dtype=bool)
+    np.put_along_axis(keep, order[:, :k], True, axis=1)
+    q = np.where(keep, p, 0.0)
+    return renormalise(q) if renormalize else q
+
+
+def label_only(p: Rows) -> Rows:
+    """One-hot of each row's argmax (row by row: ART's ClassLabels batch bug avoided)."""
+    q = np.zeros_like(p)
+    q[np.arange(len(p)), np.argmax(p, axis=1)] = 1.0
+    return q
+
+
+def reverse_sigmoid(
+    p: Rows, beta: float = 1.0, gamma: float = 0.1, guard_top1: bool = False
+) -> Rows:
+    """Reverse sigmoid (Lee et al., 2019), as ART's ``ReverseSigmoid`` post-processor.
+
+    ``p_c = clip(p, 1e-9, 1 - 1e-9)``, ``r = β(σ(γ·logit(p_c)) − 0.5)``,
+    ``q = clip(p − r, 0, 1)``, ``q /= Σq``. It can flip the top label (0.1–4% of rows at
+    γ = 0.1); with ``guard_top1`` the original top class and the new one swap values in
+    such rows, which restores the top-1 label and keeps the row on the simplex.
+    """
+    pc = np.clip(p, 1e-9, 1.0 - 1e-9)
+    logit = np.log(pc) - np.log1p(-pc)
+    r = beta * (1.0 / (1.0 + np.exp(-gamma * logit)) - 0.5)
+    q = renormalise(np.clip(p - r, 0.0, 1.0))
+    if guard_top1:
+        _restore_top1(p, q)
+    return q
+
+
+def _restore_top1(p: Rows, q: Rows) -> None:
+    rows = np.arange(len(p))
+    before, after = np.argmax(p, axis=1), np.argmax(q, axis=1)
+    flipped = rows[before != after]
+    if flipped.size:
+        b, a = before[flipped], after[flipped]
+        q[flipped, b], q[flipped, a] = q[flipped, a], q[flipped, b].copy()
+
+
+def poison(p: Rows, seeds: Seeds, alpha: float = 0.5, epsilon: float = 0.5) -> Rows:
+    """Bounded, argmax-preserving poisoning toward a keyed simplex point (MAD-lite).
+
+    After Orekondy et al. (ICLR 2020, "Prediction Poisoning"), in the variant that needs no
+    surrogate model (G = I): each row moves toward ``y* = (e_top + e_j) / 2``, the midpoint
+    of the simplex edge joining its top class and a keyed other class ``j``:
+    ``ỹ = (1 − a)·y + a·y*`` with ``a = min(alpha, epsilon / ‖y* − y‖₁)``, so
+    ``‖ỹ − y‖₁ ≤ epsilon``. The top class loses no ground to ``j`` and gains on every
+    other class, so the top-1 label is kept (exact ties aside).
+    """
+    n, k = p.shape
+    top = np.argmax(p, axis=1)
+    other = choice(seeds, k - 1)
+    other = other + (other >= top)  # a keyed class that is not the top one
+    target = np.zeros_like(p)
+    target[np.arange(n), top] = 0.5
+    target[np.arange(n), other] += 0.5
+    distance = np.abs(target - p).sum(axis=1)
+    a = np.minimum(alpha, np.divide(epsilon, distance, out=np.full(n, alpha), where=distance > 0))
+    out: Rows = (1.0 - a)[:, None] * p + a[:, None] * target
+    return out
+
+
+def misinformation(p: Rows, seeds: Seeds, tau: float = 0.5, nu: float = 10.0) -> Rows:
+    """Adaptive misinformation (Kariyappa & Qureshi, CVPR 2020), without a trained model.
+
+    ``y′ = (1 − α)·y + α·ŷ`` with ``α = σ(ν(τ − max y))``: confident answers (typical of
+    benign, in-distribution queries) are nearly untouched, low-confidence ones (typical of
+    synthetic extraction queries) are pulled toward ``ŷ``, a keyed anti-prediction that
+    puts its mass away from the likely classes: ``ŷ ∝ (1 − y)·u`` with keyed ``u ∈ [0.5, 1.5)``.
+    """
+    alpha = 1.0 / (1.0 + np.exp(-nu * (tau - p.max(axis=1))))
+    anti = renormalise((1.0 - p) * (0.5 + uniform(seeds, p.shape[1])))
+    out: Rows = (1.0 - alpha)[:, None] * p + alpha[:, None] * anti
+    return out
+
+
+def embedding_noise(e: Rows, seeds: Seeds, epsilon: float = 0.05) -> Rows:
+    """Keyed noise of norm ``epsilon·‖e‖`` on each embedding, the norm convention kept.
+
+    ``e′ = e + ε‖e‖·n`` with ``n`` a keyed unit direction; rows that were unit-norm are
+    renormalised to unit norm, other rows are rescaled to their original norm, so cosine
+    similarities between embeddings move by O(ε) while a copy trained on them inherits the
+    noise. Keyed per query (and, if the caller salts the seeds per identity, per client,
+    which breaks pooling across accounts as in B4B, Dubiński et al., NeurIPS 2023).
+    """
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    direction = normal(seeds, e.shape[1])
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    moved = e + epsilon * norms * direction
+    new_norms = np.linalg.norm(moved, axis=1, keepdims=True)
+    out: Rows = np.divide(moved * norms, new_norms, out=np.zeros_like(e), where=new_norms > 0)
+    return out
