@@ -69,6 +69,9 @@ class Decision:
     ``reset_after`` seconds until the bucket is full again; ``retry_after`` seconds
     until a request of the same cost would be allowed (0 when allowed).
     ``over_capacity`` is true when the cost exceeds the burst, so that waiting is useless.
+    ``degraded`` is true when a shared storage could not be reached and the decision was
+    taken by its in-process fallback instead (``FAILURE_MODE=open``); the middleware
+    reports it as a ``storage_error`` event and otherwise acts on it as usual.
     """
 
     allowed: bool
@@ -77,6 +80,7 @@ class Decision:
     reset_after: float
     retry_after: float
     over_capacity: bool = False
+    degraded: bool = False
 
 
 def gcra(

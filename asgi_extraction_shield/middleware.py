@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from fnmatch import translate
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from typing_extensions import Unpack
 
 from .body import BufferedBody, read_body, with_body_length
@@ -35,8 +35,9 @@ from .identity import (
 )
 from .keys import resolve_secret
 from .limiter import Clock, Decision, Limiter, rate_limit_header, retry_after_seconds
+from .monitor import build_monitor
 from .monitor.base import Monitor, NullMonitor
-from .policy import NORMAL, Action, Policy, StaticPolicy
+from .policy import NORMAL, Action, GradedPolicy, Policy, StaticPolicy, build_policy
 from .postprocess import build_postprocessor
 from .postprocess.base import PostProcessor, ResponseTransform
 from .problem import ABNORMAL_USAGE, QUOTA_EXCEEDED, send_problem
@@ -74,7 +75,7 @@ class ExtractionShield:
     configure it in code. ``on_event`` (sync or async) receives every
     :class:`ShieldEvent`; ``identify(scope)`` (sync or async) returns an identity
     value (hashed before use) or ``None`` to fall through to the configured sources.
-    ``clock``, ``storage``, ``adapter``, ``monitor``, ``policy`` and ``postprocessor``
+    ``clock``, ``storage``, ``adapter``, ``query_monitor``, ``risk_policy`` and ``postprocessor``
     replace the components that settings would build (for tests and extensions).
     """
 
@@ -88,8 +89,8 @@ class ExtractionShield:
         clock: Clock = time.monotonic,
         storage: Storage | None = None,
         adapter: RequestAdapter | None = None,
-        monitor: Monitor | None = None,
-        policy: Policy | None = None,
+        query_monitor: Monitor | None = None,
+        risk_policy: Policy | None = None,
         postprocessor: PostProcessor | None = None,
         **overrides: Unpack[ShieldOverrides],
     ) -> None:
@@ -103,9 +104,16 @@ class ExtractionShield:
             settings = type(settings)(**{**dict(settings), **overrides})
         self.settings = settings
         self.enforce = settings.mode == "enforce"
-        self.storage = storage or storage_from_url(
-            settings.storage_url, max_identities=settings.max_identities, clock=clock
-        )
+        if storage is None:  # not ``storage or``: an empty MemoryStorage is falsy (len 0)
+            storage = storage_from_url(
+                settings.storage_url,
+                max_identities=settings.max_identities,
+                clock=clock,
+                failure_mode=settings.failure_mode,
+                redis_timeout=settings.redis_timeout,
+                redis_prefix=settings.redis_prefix,
+            )
+        self.storage = storage
         secret = resolve_secret(settings.secret_key, shared_storage=self.storage.shared)
         self.identities = IdentityResolver(
             parse_sources(settings.identity),
@@ -118,11 +126,17 @@ class ExtractionShield:
         self._identify = identify
         self.limiter = Limiter(self.storage, settings.rate, settings.burst, clock)
         self.adapter: RequestAdapter = adapter or build_adapter(settings)
-        self.monitor: Monitor = monitor or NullMonitor()
-        self.policy: Policy = policy or StaticPolicy()
-        self.postprocessor = postprocessor or build_postprocessor(settings, secret)
+        built = build_monitor(settings, secret, clock) if query_monitor is None else None
+        self.monitor: Monitor = query_monitor or built or NullMonitor()
+        self.policy: Policy = risk_policy or (
+            build_policy(settings.policy, clock) if built is not None else StaticPolicy()
+        )
+        observe_outputs = getattr(self.monitor, "observe_outputs", None)
+        self.postprocessor = postprocessor or build_postprocessor(
+            settings, secret, observe_outputs, graded=isinstance(self.policy, GradedPolicy)
+        )
         # Fast path: with neither monitor nor policy, only the limiter runs.
-        self._graded = monitor is not None or policy is not None
+        self._graded = not isinstance(self.monitor, NullMonitor) or risk_policy is not None
         self.events = EventEmitter(on_event)
         self.internal_errors = 0
 
@@ -143,12 +157,28 @@ class ExtractionShield:
             return True
         return self._protected_glob is not None and self._protected_glob.match(path) is not None
 
+    def _close_storage_on_shutdown(self, send: Send) -> Send:
+        """Lifespan passes through unchanged; once the app has shut down, the storage
+        releases its connections, before the server hears of it (so it waits for that)."""
+
+        async def send_after_closing(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                try:
+                    await self.storage.close()
+                except Exception:
+                    logger.exception("closing the storage on shutdown failed")
+            await send(message)
+
+        return send_after_closing
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
             or scope["path"] in self._exempt_exact  # the fast path: one set lookup
             or not self.is_protected(scope["path"])
         ):
+            if scope["type"] == "lifespan":
+                send = self._close_storage_on_shutdown(send)
             await self.app(scope, receive, send)
             return
 
@@ -232,6 +262,8 @@ class ExtractionShield:
             else math.ceil(request.cost * action.cost_multiplier)
         )
         decision = await self.limiter.acquire(identity.key, cost)
+        if decision.degraded:  # a shared storage was unreachable: decided in this process
+            await self._emit("storage_error", identity, action, path, fallback="memory")
         if not decision.allowed:
             await self._emit(
                 "rate_limited", identity, action, path, cost=cost, retry_after=decision.retry_after

@@ -9,11 +9,17 @@ static policy (always ``normal``); the graded policy plugs in here.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
+from .errors import ConfigurationError
 from .identity import Identity
 from .monitor.base import Assessment
+
+if TYPE_CHECKING:
+    from .settings import PolicySettings
 
 Level = Literal["normal", "watch", "degrade", "throttle", "block"]
 LEVELS: tuple[Level, ...] = ("normal", "watch", "degrade", "throttle", "block")
@@ -57,3 +63,148 @@ class StaticPolicy:
 
     async def update(self, identity: Identity, assessment: Assessment) -> Action:
         return self.action
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Risk at which each level starts; a level is left only ``hysteresis`` below it."""
+
+    watch: float = 0.3
+    degrade: float = 0.5
+    throttle: float = 0.7
+    block: float = 0.9
+    hysteresis: float = 0.1
+
+    def level(self, risk: float, current: Level) -> Level:
+        rank = LEVELS.index(current)
+        for index in range(len(LEVELS) - 1, 0, -1):
+            start = (self.watch, self.degrade, self.throttle, self.block)[index - 1]
+            # Climbing needs the threshold; staying needs the threshold minus hysteresis.
+            if risk >= start or (index <= rank and risk >= start - self.hysteresis):
+                return LEVELS[index]
+        return "normal"
+
+
+@dataclass(slots=True)
+class _State:
+    risk: float
+    level: Level
+    updated: float
+    blocked_until: float = 0.0
+    assessment: Assessment = field(default_factory=Assessment)
+
+
+class GradedPolicy:
+    """Risk → level, with hysteresis and decay: normal → watch → degrade → throttle → block.
+
+    An identity's risk is the larger of the monitor's latest assessment and its previous
+    risk decayed with ``half_life`` seconds, so one quiet request does not clear a
+    suspicious history and an idle identity returns to normal by itself. ``throttle``
+    multiplies the limiter cost by ``throttle_multiplier``; ``block`` refuses requests for
+    ``block_seconds``. States are kept per identity in a bounded table from which
+    identities at ``degrade`` or above are evicted only when nothing else is left (a flood
+    of new identities cannot wash a penalty away); among equals the least risky go first.
+    """
+
+    def __init__(
+        self,
+        thresholds: Thresholds | None = None,
+        *,
+        half_life: float = 600.0,
+        block_seconds: float = 900.0,
+        throttle_multiplier: float = 4.0,
+        max_identities: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.thresholds = thresholds or Thresholds()
+        self.half_life = half_life
+        self.block_seconds = block_seconds
+        self.throttle_multiplier = throttle_multiplier
+        self.max_identities = max_identities
+        self.clock = clock
+        self._states: dict[str, _State] = {}
+
+    def _decayed(self, state: _State, now: float) -> float:
+        if self.half_life <= 0:
+            return state.risk
+        return float(state.risk * 0.5 ** (max(0.0, now - state.updated) / self.half_life))
+
+    def _action(self, state: _State, now: float) -> Action:
+        level = state.level
+        block = state.blocked_until - now if state.blocked_until > now else 0.0
+        multiplier = self.throttle_multiplier if level in ("throttle", "block") else 1.0
+        return Action(level, multiplier, block, state.assessment)
+
+    async def current(self, identity: Identity) -> Action:
+        state = self._states.get(identity.key)
+        if state is None:
+            return NORMAL
+        now = self.clock()
+        if state.blocked_until <= now and state.level != "normal":
+            risk = self._decayed(state, now)
+            level = self.thresholds.level(risk, state.level)
+            if level == "block":  # a finished block steps down, it does not renew itself
+                level = "throttle"
+            state.risk, state.level, state.updated = risk, level, now
+        return self._action(state, now)
+
+    async def update(self, identity: Identity, assessment: Assessment) -> Action:
+        now = self.clock()
+        state = self._states.get(identity.key)
+        if state is None:
+            if assessment.risk < self.thresholds.watch:
+                return Action(assessment=assessment)  # nothing to remember
+            state = self._insert(identity.key, _State(0.0, "normal", now))
+        risk = max(assessment.risk, self._decayed(state, now))
+        level = self.thresholds.level(risk, state.level)
+        if level == "block" and state.blocked_until <= now:
+            if state.level != "block":
+                state.blocked_until = now + self.block_seconds
+            else:
+                level = "throttle"  # served its block: back to throttle until risk rises again
+        state.risk, state.level, state.updated, state.assessment = risk, level, now, assessment
+        return self._action(state, now)
+
+    def state(self, key: str) -> tuple[float, Level, float] | None:
+        """``(risk, level, seconds of block left)`` of an identity, for introspection."""
+        state = self._states.get(key)
+        if state is None:
+            return None
+        now = self.clock()
+        return self._decayed(state, now), state.level, max(0.0, state.blocked_until - now)
+
+    def lift(self, key: str) -> bool:
+        """Forget an identity's risk, level and block. True if there was anything to lift."""
+        return self._states.pop(key, None) is not None
+
+    def _insert(self, key: str, state: _State) -> _State:
+        states = self._states
+        if len(states) >= self.max_identities:
+            # Make room for a tenth of the table at once (amortised O(log n) per insert):
+            # unpenalised identities first, least risky first.
+            now = self.clock()
+            order = sorted(
+                states,
+                key=lambda k: (LEVELS.index(states[k].level) >= 2, self._decayed(states[k], now)),
+            )
+            for victim in order[: max(1, self.max_identities // 10)]:
+                del states[victim]
+        states[key] = state
+        return state
+
+
+def build_policy(settings: PolicySettings, clock: Callable[[], float]) -> GradedPolicy:
+    """The graded policy ``POLICY__*`` describes."""
+    starts = (settings.watch, settings.degrade, settings.throttle, settings.block)
+    if list(starts) != sorted(starts):
+        raise ConfigurationError(
+            "EXTRACTION_SHIELD_POLICY__WATCH <= DEGRADE <= THROTTLE <= BLOCK is required, got "
+            + ", ".join(f"{v:g}" for v in starts)
+        )
+    return GradedPolicy(
+        Thresholds(*starts, hysteresis=settings.hysteresis),
+        half_life=settings.half_life,
+        block_seconds=settings.block_seconds,
+        throttle_multiplier=settings.throttle_multiplier,
+        clock=clock,
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from typing_extensions import TypedDict
 from .errors import ConfigurationError
 from .identity import parse_networks, parse_sources
 from .limiter import Rate
+from .monitor.risk import SignalRule
 from .postprocess.chain import parse_chain
 
 ENV_PREFIX = "EXTRACTION_SHIELD_"
@@ -88,6 +90,170 @@ class GenericSettings(BaseModel):
         description="What the output rows are; 'auto' takes rows on the simplex as "
         "probabilities and other numeric rows as scores.",
     )
+
+
+SIGNALS = (
+    "prada_w",
+    "coverage",
+    "entropy",
+    "novelty",
+    "near_duplicates",
+    "low_margin",
+    "distribution_requests",
+    "logit_bias_tokens",
+)
+"""The monitor's signals that have a rule (see monitor/tracker.py)."""
+
+
+def _rule(default: str, description: str) -> Any:
+    return Field(default, description=description + " As 'low:high[:weight]'.")
+
+
+class MonitorSettings(BaseModel):
+    """The query monitor (``MONITOR__*``): what is tracked and when signals count."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        True,
+        description="Track queries and grade identities by extraction risk; false: "
+        "only the limiter runs.",
+    )
+    dim: int = Field(32, ge=4, le=512, description="Dimension of query feature vectors.")
+    history: int = Field(
+        64,
+        ge=8,
+        le=4096,
+        description="Recent queries kept per identity (novelty, near-duplicates).",
+    )
+    min_queries: int = Field(
+        50, ge=1, description="Queries an identity needs before sample-based signals count."
+    )
+    max_identities: int = Field(
+        10_000,
+        ge=1,
+        description="Identities tracked at once (about 20 KB each); least "
+        "recently seen are forgotten first (their penalties are kept by the policy).",
+    )
+    pools: CommaList = Field(
+        ["net", "cohort"],
+        description="Pooled views against sybils: 'net' (IP prefix), 'cohort' (first seen in "
+        "the same window), 'all' (all traffic, reported but not attributed).",
+    )
+    ipv4_pool_prefix: int = Field(24, ge=0, le=32, description="IPv4 prefix of 'net' pools.")
+    ipv6_pool_prefix: int = Field(48, ge=0, le=128, description="IPv6 prefix of 'net' pools.")
+    cohort_seconds: float = Field(
+        600.0, gt=0, description="Width of the first-seen windows that make 'cohort' pools."
+    )
+    prada_w: str = _rule(
+        "0.94:0.85", "PRADA's Shapiro-Wilk W: risk from W below low, full at high."
+    )
+    coverage: str = _rule("0.25:0.6", "Distinct SimHash buckets per query.")
+    entropy: str = _rule("0.6:0.9", "Normalised entropy of the SimHash bucket histogram.")
+    novelty: str = _rule("0.2:0.5", "Moving average of 1 - max cosine similarity to history.")
+    near_duplicates: str = _rule("0.2:0.6", "Share of near-duplicate (probing) queries.")
+    low_margin: str = _rule("0.3:0.7", "Share of answers with a small top-1/top-2 margin.")
+    distribution_requests: str = _rule(
+        "0.5:1.0:0.3", "Share of requests asking for full distributions or logprobs."
+    )
+    logit_bias_tokens: str = _rule("20:200", "Distinct token ids pushed with logit_bias.")
+
+    @field_validator("pools", mode="before")
+    @classmethod
+    def _split_pools(cls, value: Any) -> Any:
+        return _split(value)
+
+    @field_validator("pools")
+    @classmethod
+    def _check_pools(cls, value: list[str]) -> list[str]:
+        for pool in value:
+            if pool not in ("net", "cohort", "all"):
+                raise ValueError(f"{pool!r} is not a pool: expected 'net', 'cohort' or 'all'")
+        return value
+
+    @field_validator(
+        "prada_w",
+        "coverage",
+        "entropy",
+        "novelty",
+        "near_duplicates",
+        "low_margin",
+        "distribution_requests",
+        "logit_bias_tokens",
+    )
+    @classmethod
+    def _check_rule(cls, value: str) -> str:
+        parse_rule(value)
+        return value
+
+    def rules(self) -> dict[str, SignalRule]:
+        names = (
+            "prada_w",
+            "coverage",
+            "entropy",
+            "novelty",
+            "near_duplicates",
+            "low_margin",
+            "distribution_requests",
+            "logit_bias_tokens",
+        )
+        rules = {name: parse_rule(getattr(self, name)) for name in names}
+        # Request-level signals count from the first request, not after a sample.
+        for name in ("distribution_requests", "logit_bias_tokens"):
+            rule = rules[name]
+            rules[name] = SignalRule(rule.low, rule.high, rule.weight, needs_sample=False)
+        return rules
+
+
+def parse_rule(text: str) -> SignalRule:
+    parts = text.split(":")
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 3) or not all(math.isfinite(n) for n in numbers):
+        raise ValueError(f"{text!r} is not a signal rule: expected 'low:high' or 'low:high:weight'")
+    if len(numbers) == 3 and not 0 <= numbers[2] <= 1:
+        raise ValueError(f"{text!r}: the weight must be between 0 and 1")
+    return SignalRule(numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else 1.0)
+
+
+class PolicySettings(BaseModel):
+    """The graded response (``POLICY__*``): risk thresholds of each level and what each does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    watch: float = Field(0.3, ge=0, le=1, description="Risk at which 'watch' starts (events only).")
+    degrade: float = Field(
+        0.5, ge=0, le=1, description="Risk at which 'degrade' starts (DEGRADE_PERTURBATION)."
+    )
+    throttle: float = Field(
+        0.7, ge=0, le=1, description="Risk at which 'throttle' starts (cost x THROTTLE_MULTIPLIER)."
+    )
+    block: float = Field(0.9, ge=0, le=1, description="Risk at which requests are refused (429).")
+    hysteresis: float = Field(
+        0.1, ge=0, le=1, description="A level is left only this far below its threshold."
+    )
+    half_life: float = Field(
+        600.0, ge=0, description="Seconds for a remembered risk to halve (0: never decays)."
+    )
+    block_seconds: float = Field(900.0, gt=0, description="How long a block lasts.")
+    throttle_multiplier: float = Field(
+        4.0, ge=1, description="Limiter cost multiplier at 'throttle' and after a block."
+    )
+    degrade_perturbation: str = Field(
+        "reverse_sigmoid:beta=1:gamma=0.2:guard_top1=true,round:2",
+        description="Post-processor chain for identities at 'degrade'.",
+    )
+    throttle_perturbation: str = Field(
+        "top_k:1", description="Post-processor chain for identities at 'throttle' and 'block'."
+    )
+
+    @field_validator("degrade_perturbation", "throttle_perturbation")
+    @classmethod
+    def _check_chain(cls, value: str) -> str:
+        parse_chain(value)
+        return value
 
 
 class ShieldSettings(BaseSettings):
@@ -171,8 +337,21 @@ class ShieldSettings(BaseSettings):
     )
     storage_url: str = Field(
         "memory://",
-        description="Where state lives: 'memory://' (this process). 'redis://' comes with "
-        "the Redis backend.",
+        description="Where state lives: 'memory://' (this process) or "
+        "'redis://[user:password@]host:port/db' ('rediss://' for TLS), shared by every "
+        "process (needs SECRET_KEY and the 'redis' extra).",
+    )
+    redis_timeout: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="Redis storage: the most one decision waits on Redis, in seconds "
+        "(connecting, the command and a script reload together); then FAILURE_MODE applies.",
+    )
+    redis_prefix: str = Field(
+        "shield",
+        description="Redis storage: prefix of every key ('{<prefix>:<identity>}:tat'); give "
+        "each protected API its own when several share one Redis.",
     )
     failure_mode: Literal["open", "closed"] = Field(
         "open",
@@ -226,6 +405,14 @@ class ShieldSettings(BaseSettings):
         default_factory=lambda: GenericSettings(),
         description="FORMAT=generic: where inputs and outputs are in the JSON bodies.",
     )
+    monitor: MonitorSettings = Field(
+        default_factory=lambda: MonitorSettings(),
+        description="The query monitor: features, signals, pools and thresholds (MONITOR__*).",
+    )
+    policy: PolicySettings = Field(
+        default_factory=lambda: PolicySettings(),
+        description="The graded response: levels, decay, blocks, per-level chains (POLICY__*).",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -240,6 +427,15 @@ class ShieldSettings(BaseSettings):
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return _split(value)
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _check_redis_prefix(cls, value: str) -> str:
+        from .storage.redis import PREFIX_RE
+
+        if not PREFIX_RE.match(value):
+            raise ValueError("expected 1 to 64 letters, digits or '_.:-' (no braces or spaces)")
+        return value
 
     @field_validator("rate_limit")
     @classmethod
@@ -320,6 +516,8 @@ class ShieldOverrides(TypedDict, total=False):
     max_body_bytes: int
     max_identities: int
     storage_url: str
+    redis_timeout: float
+    redis_prefix: str
     failure_mode: Literal["open", "closed"]
     secret_key: SecretStr | str | None
     expose_headers: bool
@@ -330,6 +528,8 @@ class ShieldOverrides(TypedDict, total=False):
     max_response_bytes: int
     openai: OpenAISettings | dict[str, Any]
     generic: GenericSettings | dict[str, Any]
+    monitor: MonitorSettings | dict[str, Any]
+    policy: PolicySettings | dict[str, Any]
 
 
 def _warn_unknown_env() -> None:

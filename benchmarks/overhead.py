@@ -1,8 +1,10 @@
 """Middleware overhead: the shield against slowapi, in-process, in the same run.
 
 Drives each ASGI app directly (no server, no HTTP client): a bare Starlette model
-endpoint, the same app behind slowapi (its pure-ASGI middleware, with a limit high
-enough never to trigger) and behind the shield (limiter only). Rounds are
+endpoint answering a KServe v1 request (64 features) with 10-class probabilities, the
+same app behind slowapi (its pure-ASGI middleware, with a limit high enough never to
+trigger), behind the shield with the limiter only (``FORMAT=none``), and behind the
+shield on its full path (payload parsed, outputs perturbed by ``FULL_CHAIN``). Rounds are
 interleaved so that machine noise hits every variant alike; each figure is the
 median over rounds of the mean µs per request in that round. Overheads are
 differences from the bare app; the verdict is the ratio of overheads, which is what
@@ -34,8 +36,9 @@ from starlette.types import ASGIApp, Message
 
 from asgi_extraction_shield import ExtractionShield
 
-BODY = json.dumps({"instances": [[0.5] * 64]}).encode()
-PROBABILITIES = [[0.1] * 10]
+BODY = json.dumps({"instances": [[round(0.01 * i, 2) for i in range(64)]]}).encode()
+PROBABILITIES = [[0.02, 0.03, 0.05, 0.07, 0.08, 0.1, 0.12, 0.13, 0.15, 0.25]]
+FULL_CHAIN = "reverse_sigmoid:beta=1:gamma=0.2:guard_top1=true,round:3"
 
 
 def model_app() -> Starlette:
@@ -54,10 +57,20 @@ def slowapi_app() -> ASGIApp:
     return app
 
 
-def shield_app() -> ASGIApp:
+def shield_app(**overrides: Any) -> ASGIApp:
+    """The shield with the limiter only: no payload parsing, no post-processing."""
+    settings = {"format": "none", **overrides}
     return ExtractionShield(
-        model_app(), rate_limit="100000000/minute", secret_key="benchmark-secret-key-0123456789"
+        model_app(),
+        rate_limit="100000000/minute",
+        secret_key="benchmark-secret-key-0123456789",
+        **settings,
     )
+
+
+def shield_full_app() -> ASGIApp:
+    """The full path on a KServe v1 request: payload parsed, outputs perturbed."""
+    return shield_app(format="auto", perturbation=FULL_CHAIN)
 
 
 def scope() -> dict[str, Any]:
@@ -102,6 +115,26 @@ async def run_round(app: ASGIApp, n: int) -> float:
     return elapsed / n * 1e6
 
 
+async def response_body(app: ASGIApp) -> bytes:
+    chunks: list[bytes] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope(), receive, send)
+    return b"".join(chunks)
+
+
+async def check_paths(variants: dict[str, ASGIApp]) -> None:
+    """The full path must really rewrite the answer, the others must not."""
+    bodies = {name: await response_body(app) for name, app in variants.items()}
+    if bodies["shield (full path)"] == bodies["bare"]:
+        raise RuntimeError("the full path did not perturb the response")
+    if bodies["shield (limiter only)"] != bodies["bare"]:
+        raise RuntimeError("the limiter-only path changed the response")
+
+
 async def measure(variants: dict[str, ASGIApp], rounds: int, n: int) -> dict[str, float]:
     samples: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
@@ -126,8 +159,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bare": model_app,
         "slowapi": slowapi_app,
         "shield (limiter only)": shield_app,
+        "shield (full path)": shield_full_app,
     }
     variants = {name: build() for name, build in builders.items()}
+    asyncio.run(check_paths(variants))
     medians = asyncio.run(measure(variants, args.rounds, args.requests))
     bare = medians["bare"]
     slow_overhead = medians["slowapi"] - bare
@@ -135,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "us_per_request": medians,
         "overhead_us": {name: value - bare for name, value in medians.items() if name != "bare"},
         "ratio_shield_to_slowapi_overhead": (medians["shield (limiter only)"] - bare)
+        / slow_overhead,
+        "ratio_full_path_to_slowapi_overhead": (medians["shield (full path)"] - bare)
         / slow_overhead,
         "rounds": args.rounds,
         "requests_per_round": args.requests,
@@ -148,8 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             overhead = "" if name == "bare" else f"{value - bare:.1f}"
             print(f"| {name} | {value:.1f} | {overhead} |")
         print(
-            f"\nshield overhead / slowapi overhead = "
+            f"\nshield (limiter only) overhead / slowapi overhead = "
             f"{result['ratio_shield_to_slowapi_overhead']:.3f}"
+            f"\nshield (full path) overhead / slowapi overhead = "
+            f"{result['ratio_full_path_to_slowapi_overhead']:.3f}"
         )
     return result
 

@@ -59,8 +59,8 @@ async def test_policy_levels_throttle_and_block(clock: FakeClock) -> None:
         starlette_app(),
         clock,
         rate_limit="100/minute",
-        monitor=CountingMonitor(),
-        policy=ThresholdPolicy(),
+        query_monitor=CountingMonitor(),
+        risk_policy=ThresholdPolicy(),
         on_event=events.append,
     )
     async with client(app) as c:
@@ -92,8 +92,8 @@ async def test_blocks_are_reported_but_not_enforced_in_shadow(clock: FakeClock) 
         starlette_app(),
         clock,
         mode="shadow",
-        monitor=CountingMonitor(),
-        policy=ThresholdPolicy(),
+        query_monitor=CountingMonitor(),
+        risk_policy=ThresholdPolicy(),
         on_event=events.append,
     )
     async with client(app) as c:
@@ -112,7 +112,7 @@ async def test_null_components_are_neutral() -> None:
 
 async def test_monitor_sees_hashed_identity(clock: FakeClock) -> None:
     monitor = CountingMonitor()
-    app: Any = shield(starlette_app(), clock, monitor=monitor)
+    app: Any = shield(starlette_app(), clock, query_monitor=monitor)
     async with client(app) as c:
         await c.get("/predict", headers={"authorization": "Bearer tok-123"})
     (key,) = monitor.seen

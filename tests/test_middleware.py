@@ -456,7 +456,7 @@ def test_overrides_are_validated(clock: FakeClock) -> None:
     with pytest.raises(ConfigurationError, match="EXTRACTION_SHIELD_BURST"):
         ExtractionShield(starlette_app(), base, burst=-1)
     with pytest.raises(ConfigurationError, match="STORAGE_URL"):
-        ExtractionShield(starlette_app(), base, storage_url="redis://localhost:6379/0")
+        ExtractionShield(starlette_app(), base, storage_url="redis+sentinel://localhost/m")
     with pytest.raises(ConfigurationError, match="unknown scheme"):
         ExtractionShield(starlette_app(), base, storage_url="etcd://x")
 

@@ -127,6 +127,8 @@ def test_secret_not_echoed_in_validation_errors() -> None:
 def test_every_field_is_described() -> None:
     for name, field in ShieldSettings.model_fields.items():
         assert field.description and len(field.description) > 20, name
+    for env, _, description in ShieldSettings().describe():  # nested groups too
+        assert len(description) > 20, env
 
 
 def test_typed_overrides_cover_every_setting() -> None:

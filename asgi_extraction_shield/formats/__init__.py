@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.types import Scope
 
 from ..errors import ConfigurationError
@@ -18,7 +18,11 @@ from .base import (
     RequestAdapter,
     TokenLogprobs,
 )
+from .generic import GenericJSON
+from .hf import HuggingFace
 from .kserve_v1 import KServeV1
+from .oip_v2 import OpenInferenceV2
+from .openai_api import OpenAIAdapter
 
 if TYPE_CHECKING:
     from ..settings import ShieldSettings
@@ -41,8 +45,8 @@ def decode_json(body: bytes) -> Any:
     if not stripped or stripped[:1] not in (b"{", b"["):
         return None
     try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
+        return orjson.loads(body)  # strict JSON: NaN, Infinity and 65-bit integers are not
+    except orjson.JSONDecodeError:
         return None
 
 
@@ -82,12 +86,14 @@ class PayloadAdapter:
         return self.adapters.get("generic")
 
     def parse_request(self, scope: Scope, body: bytes) -> ParsedRequest:
+        if not body.strip():
+            return ParsedRequest()  # no payload (a GET, say): nothing to parse, nothing wrong
         doc = decode_json(body)
+        if doc is None:
+            return ParsedRequest(problem="the body is not valid JSON")
         adapter = self.choose(scope, doc)
         if adapter is None:
             return ParsedRequest(problem="the body is not a payload of a known model format")
-        if doc is None:
-            return ParsedRequest(problem="the body is not valid JSON")
         request = adapter.parse_request(scope, doc, body)
         if request.flags & DISTRIBUTION_FLAGS and self.distribution_cost != 1.0:
             request.cost = math.ceil(request.cost * self.distribution_cost)
@@ -98,7 +104,14 @@ def build_adapter(settings: ShieldSettings) -> RequestAdapter:
     """The request adapter that ``FORMAT`` names."""
     if settings.format == "none":
         return FlatCost()
-    adapters: dict[str, FormatAdapter] = {"kserve_v1": KServeV1()}
+    adapters: dict[str, FormatAdapter] = {
+        "kserve_v1": KServeV1(),
+        "oip_v2": OpenInferenceV2(),
+        "hf": HuggingFace(),
+        "openai": OpenAIAdapter(settings.openai),
+    }
+    if settings.generic.inputs or settings.format == "generic":
+        adapters["generic"] = GenericJSON(settings.generic)
     if settings.format != "auto" and settings.format not in adapters:
         raise ConfigurationError(
             f"EXTRACTION_SHIELD_FORMAT={settings.format!r} is not available yet"

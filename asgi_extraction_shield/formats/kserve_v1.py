@@ -18,10 +18,10 @@ from starlette.types import Scope
 from .base import (
     Outputs,
     ParsedRequest,
+    batch_request,
     canonical,
     is_number,
     numeric_matrix,
-    numeric_rows,
     probability_rows,
     write_like,
 )
@@ -55,15 +55,7 @@ class KServeV1:
             return ParsedRequest(problem="expected a JSON object with an 'instances' list")
         if not items:
             return ParsedRequest(problem="'instances' is empty")
-        return ParsedRequest(
-            cost=len(items),
-            parsed=True,
-            adapter=self,
-            inputs=items,
-            keys=[canonical(item) for item in items],
-            features=numeric_rows(items),
-            texts=[item for item in items if isinstance(item, str)],
-        )
+        return batch_request(self, items)
 
     def read_response(self, doc: Any, request: ParsedRequest) -> Outputs | None:
         predictions = _predictions(doc)

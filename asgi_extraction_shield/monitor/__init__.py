@@ -1,5 +1,51 @@
-"""Query monitoring."""
+"""Query monitoring: features, trackers, signals and risk."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..keys import derive_key
+from ..limiter import Clock
 from .base import NO_RISK, Assessment, Monitor, NullMonitor
+from .detector import ExtractionMonitor
+from .risk import SignalRule, risk_of
+from .shapiro import shapiro_wilk
 
-__all__ = ["NO_RISK", "Assessment", "Monitor", "NullMonitor"]
+if TYPE_CHECKING:
+    from ..settings import ShieldSettings
+
+__all__ = [
+    "NO_RISK",
+    "Assessment",
+    "ExtractionMonitor",
+    "Monitor",
+    "NullMonitor",
+    "SignalRule",
+    "build_monitor",
+    "risk_of",
+    "shapiro_wilk",
+]
+
+
+def build_monitor(
+    settings: ShieldSettings, secret: bytes, clock: Clock
+) -> ExtractionMonitor | None:
+    """The monitor ``MONITOR__*`` describes, or ``None`` when it is disabled."""
+    config = settings.monitor
+    if not config.enabled:
+        return None
+    from .tracker import TrackerConfig
+
+    return ExtractionMonitor(
+        derive_key(secret, "monitor"),
+        config.rules(),
+        dim=config.dim,
+        config=TrackerConfig(history=config.history),
+        min_queries=config.min_queries,
+        max_identities=config.max_identities,
+        pools=tuple(config.pools),
+        ipv4_pool_prefix=config.ipv4_pool_prefix,
+        ipv6_pool_prefix=config.ipv6_pool_prefix,
+        cohort_seconds=config.cohort_seconds,
+        clock=clock,
+    )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ..keys import derive_key
 from .base import PostProcessor, ResponseTransform
 from .chain import Chain, Context, Processor, parse_chain
-from .transform import ChainPostProcessor, OutputTransform
+from .transform import ChainPostProcessor, Observer, OutputTransform
 
 if TYPE_CHECKING:
     from ..settings import ShieldSettings
@@ -25,11 +25,31 @@ __all__ = [
 ]
 
 
-def build_postprocessor(settings: ShieldSettings, secret: bytes) -> ChainPostProcessor | None:
-    """The post-processor ``PERTURBATION`` describes (``None`` when it is ``none``)."""
+def build_postprocessor(
+    settings: ShieldSettings,
+    secret: bytes,
+    observer: Observer | None = None,
+    *,
+    graded: bool = False,
+) -> ChainPostProcessor | None:
+    """The post-processor of ``PERTURBATION`` and, with a graded policy, of the degraded
+    levels; ``observer`` sees every parsed answer (the monitor's margins). ``None`` when
+    there is nothing to do."""
     chain = parse_chain(settings.perturbation)
-    if not chain:
+    chains: dict[str, Chain] = {}
+    if graded:
+        stronger = parse_chain(settings.policy.throttle_perturbation)
+        chains = {
+            "degrade": parse_chain(settings.policy.degrade_perturbation),
+            "throttle": stronger,
+            "block": stronger,
+        }
+    if not chain and not any(chains.values()) and observer is None:
         return None
     return ChainPostProcessor(
-        derive_key(secret, "postprocess"), chain, max_bytes=settings.max_response_bytes
+        derive_key(secret, "postprocess"),
+        chain,
+        chains,
+        max_bytes=settings.max_response_bytes,
+        observer=observer,
     )

@@ -11,7 +11,7 @@ item continues it, so ``reverse_sigmoid:beta=1,gamma=0.2`` is one item.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -29,13 +29,10 @@ class Context:
 
     key: bytes
     identity: str = ""
-    _seeds: dict[bytes, NDArray[np.uint64]] = field(default_factory=dict)
 
     def seeds(self, outputs: Outputs, salt: bytes) -> NDArray[np.uint64]:
-        cached = self._seeds.get(salt)
-        if cached is None or len(cached) != len(outputs.keys):
-            cached = self._seeds[salt] = row_seeds(self.key, outputs.keys, salt)
-        return cached
+        """One seed per row of ``outputs``, separated by ``salt`` (one per processor)."""
+        return row_seeds(self.key, outputs.keys, salt)
 
 
 class Processor:
@@ -53,11 +50,14 @@ class Processor:
 
 
 def _changed(before: NDArray[np.float64], after: NDArray[np.float64]) -> bool:
-    return before.shape != after.shape or not np.array_equal(before, after)
+    return before.shape != after.shape or bool((before != after).any())
 
 
 class Round(Processor):
-    """Round probabilities (sum kept), scores, embeddings and logprobs to ``decimals``."""
+    """Round probabilities (sums kept), scores and embeddings to ``decimals``.
+
+    Token logprobs are rounded by :class:`LogprobHygiene`.
+    """
 
     name = "round"
     params: ClassVar[dict[str, type]] = {"decimals": int}
@@ -134,8 +134,9 @@ class Poison(Processor):
     params: ClassVar[dict[str, type]] = {"alpha": float, "epsilon": float}
 
     def __init__(self, alpha: float = 0.5, epsilon: float = 0.5) -> None:
-        if not 0 <= alpha <= 1 or not 0 <= epsilon <= 2:
-            raise ValueError("poison: alpha must be in [0, 1] and epsilon in [0, 2]")
+        # alpha = 1 would land exactly on the edge midpoint, a tie with the keyed class.
+        if not 0 <= alpha < 1 or not 0 <= epsilon <= 2:
+            raise ValueError("poison: alpha must be in [0, 1) and epsilon in [0, 2]")
         self.alpha, self.epsilon = alpha, epsilon
 
     def apply(self, outputs: Outputs, ctx: Context) -> bool:
@@ -270,6 +271,8 @@ def _build(name: str, args: list[str]) -> Processor:
                 )
             key, value = positional[i], arg
         key = key.strip()
+        if key in kwargs:
+            raise ValueError(f"{name}: {key} is given twice")
         if key not in cls.params:
             raise ValueError(
                 f"{name}: unknown parameter {key!r}; expected {', '.join(positional) or 'none'}"

@@ -23,7 +23,9 @@ _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(
 
 
 def row_seeds(key: bytes, rows: Sequence[bytes], salt: bytes = b"") -> NDArray[np.uint64]:
-    """One 64-bit seed per row: BLAKE2b(key, salt ‖ row)."""
+    """One 64-bit seed per row: BLAKE2b keyed by ``key`` (at most 64 bytes, the BLAKE2b
+    key size; the shield passes a 32-byte derived key) over ``salt ‖ 0x00 ‖ row``, or over
+    ``row`` alone when there is no salt."""
     base = hashlib.blake2b(key=key[:64], digest_size=8)
     if salt:
         base.update(salt + b"\x00")

@@ -20,7 +20,8 @@ Seeds = NDArray[np.uint64]
 def renormalise(q: Rows) -> Rows:
     """Rows scaled to sum to 1 (a row of zeros stays zeros)."""
     total = q.sum(axis=1, keepdims=True)
-    out: Rows = np.divide(q, total, out=np.zeros_like(q), where=total > 0)
+    total[total == 0] = 1.0
+    out: Rows = q / total
     return out
 
 
@@ -33,16 +34,21 @@ def round_simplex(p: Rows, decimals: int) -> Rows:
     remainders, so rows still sum to their original (rounded) total.
     """
     scale = 10.0**decimals
-    scaled = p * scale
-    floor = np.floor(scaled + 1e-9)
     target = np.rint(p.sum(axis=1) * scale)
-    missing = (target - floor.sum(axis=1)).astype(np.int64)
-    remainders = scaled - floor
-    order = np.argsort(-remainders, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(p.shape[1])[None, :].repeat(len(p), 0), axis=1)
+    plain = np.rint(p * scale)
+    bad = plain.sum(axis=1) != target
+    if not bad.any():  # the common case: plain rounding already keeps every sum
+        rounded: Rows = plain / scale
+        return rounded
+    # Largest remainders give the same result as plain rounding on the rows above.
+    scaled = p[bad] * scale
+    floor = np.floor(scaled + 1e-9)
+    missing = (target[bad] - floor.sum(axis=1)).astype(np.int64)
+    order = np.argsort(-(scaled - floor), axis=1, kind="stable")
+    ranks = np.argsort(order, axis=1, kind="stable")  # rank of each entry by remainder
     floor += ranks < missing[:, None]
-    out: Rows = floor / scale
+    plain[bad] = floor
+    out: Rows = plain / scale
     return out
 
 
@@ -81,22 +87,33 @@ def reverse_sigmoid(
     γ = 0.1); with ``guard_top1`` the original top class and the new one swap values in
     such rows, which restores the top-1 label and keeps the row on the simplex.
     """
-    pc = np.clip(p, 1e-9, 1.0 - 1e-9)
-    logit = np.log(pc) - np.log1p(-pc)
-    r = beta * (1.0 / (1.0 + np.exp(-gamma * logit)) - 0.5)
-    q = renormalise(np.clip(p - r, 0.0, 1.0))
+    pc = np.minimum(np.maximum(p, 1e-9), 1.0 - 1e-9)
+    # σ(γ·logit(p)) = 1 / (1 + ((1 − p) / p)^γ): the same value in fewer array operations.
+    r = beta * (1.0 / (1.0 + ((1.0 - pc) / pc) ** gamma) - 0.5)
+    q = p - r
+    np.minimum(np.maximum(q, 0.0, out=q), 1.0, out=q)
+    q = renormalise(q)
     if guard_top1:
         _restore_top1(p, q)
     return q
 
 
 def _restore_top1(p: Rows, q: Rows) -> None:
+    """Give rows whose argmax moved their original top class back, in place."""
     rows = np.arange(len(p))
     before, after = np.argmax(p, axis=1), np.argmax(q, axis=1)
     flipped = rows[before != after]
-    if flipped.size:
-        b, a = before[flipped], after[flipped]
-        q[flipped, b], q[flipped, a] = q[flipped, a], q[flipped, b].copy()
+    if not flipped.size:
+        return
+    b, a = before[flipped], after[flipped]
+    q[flipped, b], q[flipped, a] = q[flipped, a], q[flipped, b].copy()
+    # A maximum shared with another class (a flat row, say) still loses argmax's tie-break:
+    # lift the top class just above the others and renormalise those rows.
+    tied = flipped[np.argmax(q[flipped], axis=1) != b]
+    if tied.size:
+        top = before[tied]
+        q[tied, top] = q[tied].max(axis=1) + 1e-9
+        q[tied] /= q[tied].sum(axis=1, keepdims=True)
 
 
 def poison(p: Rows, seeds: Seeds, alpha: float = 0.5, epsilon: float = 0.5) -> Rows:
@@ -107,7 +124,7 @@ def poison(p: Rows, seeds: Seeds, alpha: float = 0.5, epsilon: float = 0.5) -> R
     of the simplex edge joining its top class and a keyed other class ``j``:
     ``ỹ = (1 − a)·y + a·y*`` with ``a = min(alpha, epsilon / ‖y* − y‖₁)``, so
     ``‖ỹ − y‖₁ ≤ epsilon``. The top class loses no ground to ``j`` and gains on every
-    other class, so the top-1 label is kept (exact ties aside).
+    other class, so the top-1 label is kept (exact ties aside) for ``alpha < 1``.
     """
     n, k = p.shape
     top = np.argmax(p, axis=1)
@@ -150,5 +167,6 @@ def embedding_noise(e: Rows, seeds: Seeds, epsilon: float = 0.05) -> Rows:
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     moved = e + epsilon * norms * direction
     new_norms = np.linalg.norm(moved, axis=1, keepdims=True)
-    out: Rows = np.divide(moved * norms, new_norms, out=np.zeros_like(e), where=new_norms > 0)
+    # A row the noise cancelled exactly (possible only at epsilon = 1) keeps its value.
+    out: Rows = np.divide(moved * norms, new_norms, out=e.copy(), where=new_norms > 0)
     return out

@@ -1,0 +1,177 @@
+"""The extraction monitor: trackers per identity and per pool, and the risk they add up to.
+
+Each request's queries become feature vectors (:mod:`.features`) and are observed by the
+identity's own :class:`~.tracker.Tracker` and by the trackers of the pools the identity
+belongs to: its IP prefix (/24, /48 by default) and its cohort (identities first seen in
+the same time window). A sybil attacker who splits an extraction over many keys stays
+under every per-identity threshold, but the keys share a prefix or were created together,
+and their pool shows the signature (together they cover the space; benign users of one app
+overlap). A pool's risk is attributed to its members in proportion to what they fed it:
+a member with at least an average share gets the pool's risk in full.
+
+Tables are bounded LRU caches: evicting a tracker forgets detection history, never a
+penalty (levels and blocks live in the policy's own protected table).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+from cachetools import LRUCache
+from numpy.typing import NDArray
+
+from ..formats.base import DISTRIBUTION_FLAGS, Outputs, ParsedRequest
+from ..identity import Identity
+from ..limiter import Clock
+from .base import Assessment
+from .features import Featurizer
+from .risk import SignalRule, risk_of
+from .tracker import Tracker, TrackerConfig
+
+Matrix = NDArray[np.float64]
+ALL = "all:"
+
+
+class ExtractionMonitor:
+    """Implements the :class:`~.base.Monitor` protocol."""
+
+    def __init__(
+        self,
+        key: bytes,
+        rules: Mapping[str, SignalRule],
+        *,
+        dim: int = 32,
+        config: TrackerConfig | None = None,
+        min_queries: int = 50,
+        max_identities: int = 10_000,
+        max_pools: int = 4_096,
+        pools: tuple[str, ...] = ("net", "cohort"),
+        ipv4_pool_prefix: int = 24,
+        ipv6_pool_prefix: int = 48,
+        cohort_seconds: float = 600.0,
+        max_members: int = 1_000,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.featurizer = Featurizer(key, dim)
+        rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+        self.config = config or TrackerConfig()
+        self.hyperplanes = rng.standard_normal((dim, self.config.simhash_bits))
+        self.rules = dict(rules)
+        self.min_queries = min_queries
+        self.identities: LRUCache[str, Tracker] = LRUCache(max_identities)
+        self.pools: LRUCache[str, tuple[Tracker, dict[str, int]]] = LRUCache(max_pools)
+        self.pool_kinds = pools
+        self.ipv4_pool_prefix = ipv4_pool_prefix
+        self.ipv6_pool_prefix = ipv6_pool_prefix
+        self.cohort_seconds = cohort_seconds
+        self.max_members = max_members
+        self.clock = clock
+        self._first_seen: LRUCache[str, float] = LRUCache(max_identities * 4)
+
+    # -- the Monitor protocol ---------------------------------------------------------------
+
+    async def observe_request(self, identity: Identity, request: ParsedRequest) -> Assessment:
+        return self.observe(identity, request)
+
+    def observe(self, identity: Identity, request: ParsedRequest) -> Assessment:
+        now = self.clock()
+        features = self.features(request)
+        distribution = bool(request.flags & DISTRIBUTION_FLAGS)
+        own = self._tracker(identity.key, now)
+        own.observe_request(distribution, request.logit_bias_tokens, now)
+        if features is not None:
+            own.observe_queries(features, now)
+        risk, signals, scores = self._assess(own)
+        for pool in self.pool_keys(identity, now):
+            tracker, members = self._pool(pool, now)
+            tracker.observe_request(distribution, request.logit_bias_tokens, now)
+            if features is not None:
+                tracker.observe_queries(features, now)
+            _count_member(
+                members,
+                identity.key,
+                len(features) if features is not None else 1,
+                self.max_members,
+            )
+            if pool == ALL:
+                continue  # a baseline for operators: mostly benign, never attributed
+            pool_risk, pool_signals, pool_scores = self._assess(tracker)
+            attributed = pool_risk * _share_ratio(members, identity.key)
+            if attributed > risk:
+                risk = attributed
+                signals = {
+                    **signals,
+                    **{f"{pool.split(':')[0]}.{k}": v for k, v in pool_signals.items()},
+                }
+                scores = {f"pool.{k}": v for k, v in pool_scores.items()}
+                signals["pool_risk"] = pool_risk
+        return Assessment(risk, {**signals, **{f"score.{k}": v for k, v in scores.items()}})
+
+    def observe_outputs(self, identity: Identity, outputs: Outputs) -> None:
+        """Answers: the share of low-margin probability rows."""
+        tracker = self.identities.get(identity.key)
+        if tracker is not None and outputs.probabilities is not None:
+            tracker.observe_margins(outputs.probabilities)
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def features(self, request: ParsedRequest) -> Matrix | None:
+        if request.features is not None and len(request.features):
+            return self.featurizer.numeric(request.features)
+        if request.texts:
+            return self.featurizer.texts(request.texts)
+        return None
+
+    def pool_keys(self, identity: Identity, now: float) -> list[str]:
+        keys = []
+        for kind in self.pool_kinds:
+            if kind == "all":
+                keys.append(ALL)
+            elif kind == "net" and identity.network is not None:
+                net = identity.network
+                prefix = self.ipv4_pool_prefix if net.version == 4 else self.ipv6_pool_prefix
+                keys.append(f"net:{net.supernet(new_prefix=min(prefix, net.prefixlen))}")
+            elif kind == "cohort":
+                first = self._first_seen.get(identity.key)
+                if first is None:
+                    first = self._first_seen[identity.key] = now
+                keys.append(f"cohort:{int(first // self.cohort_seconds)}")
+        return keys
+
+    def _tracker(self, key: str, now: float) -> Tracker:
+        tracker = self.identities.get(key)
+        if tracker is None:
+            tracker = self.identities[key] = Tracker(self.config, self.hyperplanes, now)
+        return tracker
+
+    def _pool(self, key: str, now: float) -> tuple[Tracker, dict[str, int]]:
+        entry = self.pools.get(key)
+        if entry is None:
+            entry = self.pools[key] = (Tracker(self.config, self.hyperplanes, now), {})
+        return entry
+
+    def _assess(self, tracker: Tracker) -> tuple[float, dict[str, float], dict[str, float]]:
+        signals = tracker.signals()
+        risk, scores = risk_of(signals, self.rules, self.min_queries)
+        return risk, signals, scores
+
+    def signals_of(self, key: str) -> dict[str, float] | None:
+        tracker = self.identities.get(key)
+        return None if tracker is None else tracker.signals()
+
+
+def _count_member(members: dict[str, int], key: str, count: int, limit: int) -> None:
+    if key not in members and len(members) >= limit:
+        smallest = min(members, key=members.__getitem__)
+        del members[smallest]
+    members[key] = members.get(key, 0) + count
+
+
+def _share_ratio(members: dict[str, int], key: str) -> float:
+    """The member's share of the pool's queries relative to an even share, capped at 1."""
+    total = sum(members.values())
+    if not total:
+        return 0.0
+    return min(1.0, members.get(key, 0) / total * len(members))

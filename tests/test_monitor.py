@@ -1,0 +1,279 @@
+"""Features, tracker signals, risk, pooled views and the monitor in the middleware."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from asgi_extraction_shield import ConfigurationError, ShieldEvent
+from asgi_extraction_shield.formats.base import ParsedRequest
+from asgi_extraction_shield.identity import Identity
+from asgi_extraction_shield.monitor import ExtractionMonitor, NullMonitor, SignalRule, risk_of
+from asgi_extraction_shield.monitor.features import Featurizer
+from asgi_extraction_shield.monitor.tracker import Tracker, TrackerConfig
+from asgi_extraction_shield.settings import ShieldSettings
+
+from .conftest import FakeClock, client, shield
+
+KEY = b"monitor-test-key".ljust(32, b".")
+RNG = np.random.default_rng(3)
+CENTERS = RNG.normal(size=(10, 64)) * 3
+
+
+def benign_rows(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A user with two topics who often repeats a query exactly."""
+    topics = rng.choice(10, size=2, replace=False)
+    own = np.vstack([CENTERS[rng.choice(topics)] + rng.normal(size=64) for _ in range(40)])
+    return own[rng.integers(0, 40, size=n)]
+
+
+def uniform_rows(n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(-6, 6, size=(n, 64))
+
+
+def probing_rows(n: int, rng: np.random.Generator) -> np.ndarray:
+    """JBDA-like: each query a small signed step from an earlier one."""
+    points = list(CENTERS[rng.integers(0, 10, size=10)] + rng.normal(size=(10, 64)))
+    while len(points) < n + 10:
+        points.append(points[rng.integers(len(points))] + 0.1 * np.sign(rng.normal(size=64)))
+    return np.asarray(points[10:])
+
+
+def tracker_after(rows: np.ndarray, config: TrackerConfig | None = None) -> Tracker:
+    monitor = ExtractionMonitor(KEY, {}, dim=32)
+    tracker = Tracker(config or TrackerConfig(), monitor.hyperplanes, 0.0)
+    features = monitor.featurizer.numeric(rows)
+    for i in range(len(rows)):
+        tracker.observe_queries(features[i : i + 1], float(i))
+    return tracker
+
+
+# -- features -------------------------------------------------------------------------------
+
+
+def test_numeric_projection_preserves_distances_and_is_keyed() -> None:
+    x = RNG.normal(size=(200, 784))
+    f = Featurizer(KEY, 64)
+    y = f.numeric(x)
+    ratio = np.linalg.norm(y[:100] - y[100:], axis=1) / np.linalg.norm(x[:100] - x[100:], axis=1)
+    assert 0.85 < np.median(ratio) < 1.15 and y.shape == (200, 64)
+    np.testing.assert_allclose(Featurizer(KEY, 64).numeric(x[:3]), y[:3], rtol=1e-12)
+    assert not np.allclose(Featurizer(b"another".ljust(32, b"."), 64).numeric(x[:3]), y[:3])
+
+
+def test_text_features_measure_overlap() -> None:
+    f = Featurizer(KEY, 128)
+    t = f.texts(
+        ["the cat sat on the mat", "the cat sat on a mat", "lattice quantum chromodynamics", ""]
+    )
+    assert t[0] @ t[1] > 0.7 > 0.3 > t[0] @ t[2]
+    np.testing.assert_allclose(np.linalg.norm(t[:3], axis=1), 1.0)
+    assert not t[3].any()  # empty text: the zero vector, not NaN
+    e = f.embeddings(RNG.normal(size=(4, 384)))
+    assert e.shape == (4, 128)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0)
+
+
+# -- tracker signals ------------------------------------------------------------------------
+
+
+def test_uniform_synthetic_queries_cover_the_space() -> None:
+    benign = tracker_after(benign_rows(400, np.random.default_rng(1))).signals()
+    uniform = tracker_after(uniform_rows(400, np.random.default_rng(2))).signals()
+    assert uniform["coverage"] > 0.6 > 0.25 > benign["coverage"]
+    assert uniform["entropy"] > 0.9 > 0.6 > benign["entropy"]
+    assert uniform["novelty"] > 0.3 > benign["novelty"]
+
+
+def test_boundary_probing_shows_as_near_duplicates_and_prada() -> None:
+    probing = tracker_after(probing_rows(400, np.random.default_rng(4))).signals()
+    benign = tracker_after(benign_rows(400, np.random.default_rng(5))).signals()
+    assert probing["near_duplicates"] > 0.4
+    assert benign["near_duplicates"] < 0.1  # exact repeats are not probing
+    assert probing["prada_w"] < 0.85 < benign["prada_w"]
+
+
+def test_prada_waits_for_enough_distances() -> None:
+    tracker = tracker_after(probing_rows(90, np.random.default_rng(6)))
+    assert tracker.signals()["prada_w"] == 1.0  # fewer than 100 distances: no test yet
+
+
+def test_request_and_answer_signals() -> None:
+    monitor = ExtractionMonitor(KEY, {}, dim=32)
+    tracker = Tracker(TrackerConfig(), monitor.hyperplanes, 0.0)
+    for i in range(10):
+        tracker.observe_request(i % 2 == 0, (str(i), str(i + 1)), float(i))
+    tracker.observe_margins(np.array([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05], [0.34, 0.33, 0.33]]))
+    signals = tracker.signals()
+    assert signals["distribution_requests"] == 0.5
+    assert signals["logit_bias_tokens"] == 11.0
+    assert signals["low_margin"] == pytest.approx(2 / 3)
+
+
+def test_tracker_state_is_bounded() -> None:
+    config = TrackerConfig(history=32, prada_points=16, prada_distances=100, window=50)
+    tracker = tracker_after(uniform_rows(3000, np.random.default_rng(7)), config)
+    assert tracker.queries == 3000 and tracker.filled == 32
+    assert len(tracker._prada_points) <= 16 and len(tracker._prada_distances) <= 100
+    assert len(tracker._bucket_order) == 50 and sum(tracker._buckets.values()) == 50
+
+
+# -- risk -----------------------------------------------------------------------------------
+
+
+def test_risk_is_a_weighted_noisy_or() -> None:
+    rules = {
+        "coverage": SignalRule(0.2, 0.6),
+        "prada_w": SignalRule(0.94, 0.84),  # reversed: low W is suspicious
+        "distribution_requests": SignalRule(0.5, 1.0, 0.5, needs_sample=False),
+    }
+    signals = {"queries": 100.0, "coverage": 0.4, "prada_w": 0.89, "distribution_requests": 1.0}
+    risk, scores = risk_of(signals, rules, min_queries=50)
+    assert scores == pytest.approx({"coverage": 0.5, "prada_w": 0.5, "distribution_requests": 0.5})
+    assert risk == pytest.approx(1 - 0.5**3)
+    early, early_scores = risk_of({**signals, "queries": 10.0}, rules, min_queries=50)
+    assert set(early_scores) == {"distribution_requests"} and early == pytest.approx(0.5)
+    assert risk_of({"queries": 100.0, "coverage": 0.1}, rules, 50) == (0.0, {})
+
+
+# -- pools ----------------------------------------------------------------------------------
+
+
+def identity(key: str, ip: str) -> Identity:
+    return Identity(key, "header", ipaddress.ip_network(f"{ip}/32"))
+
+
+def test_sybils_are_caught_by_their_pool() -> None:
+    rules = ShieldSettings().monitor.rules()
+    monitor = ExtractionMonitor(KEY, rules, dim=32, min_queries=50)
+    rng = np.random.default_rng(8)
+    sybils = [identity(f"sybil-{i}", f"198.51.100.{i + 1}") for i in range(25)]
+    own_risks, risks = [], []
+    for _ in range(40):  # 25 × 40 = 1,000 pooled queries, 40 per identity
+        for sybil in sybils:
+            request = ParsedRequest(parsed=True, features=uniform_rows(1, rng))
+            assessment = monitor.observe(sybil, request)
+            risks.append(assessment.risk)
+            own_risks.append(risk_of(monitor.identities[sybil.key].signals(), rules, 50)[0])
+    assert max(own_risks) == 0.0  # each alone is below min_queries
+    assert risks[-1] > 0.9 and "pool_risk" in assessment.signals
+    assert any(k.startswith("net.") for k in assessment.signals)
+
+
+def test_pool_risk_is_attributed_by_share() -> None:
+    monitor = ExtractionMonitor(
+        KEY, {"coverage": SignalRule(0.2, 0.6)}, dim=32, min_queries=50, pools=("net",)
+    )
+    rng = np.random.default_rng(9)
+    heavy, light = identity("heavy", "203.0.113.5"), identity("light", "203.0.113.6")
+    for _ in range(200):
+        monitor.observe(heavy, ParsedRequest(parsed=True, features=uniform_rows(1, rng)))
+    assessment = monitor.observe(light, ParsedRequest(parsed=True, features=benign_rows(1, rng)))
+    pool_risk = assessment.signals["pool_risk"]
+    # "light" sent 1 of 201 pooled queries, against an even share of 1/2: it gets that
+    # fraction of the pool's risk, while "heavy" gets it all.
+    assert pool_risk > 0.9
+    assert assessment.risk == pytest.approx(pool_risk * (1 / 201) * 2)
+    heavy_again = monitor.observe(heavy, ParsedRequest(parsed=True, features=uniform_rows(1, rng)))
+    assert heavy_again.risk > 0.9
+
+
+def test_all_traffic_pool_is_not_attributed() -> None:
+    monitor = ExtractionMonitor(
+        KEY, {"coverage": SignalRule(0.2, 0.6)}, dim=32, min_queries=10, pools=("all",)
+    )
+    rng = np.random.default_rng(10)
+    for i in range(100):
+        assessment = monitor.observe(
+            identity(f"u{i}", f"192.0.2.{i % 250}"),
+            ParsedRequest(parsed=True, features=uniform_rows(1, rng)),
+        )
+    assert assessment.risk == 0.0 and "all:" in monitor.pools
+
+
+def test_monitor_tables_are_bounded() -> None:
+    monitor = ExtractionMonitor(KEY, {}, dim=8, max_identities=50, max_pools=20)
+    rng = np.random.default_rng(11)
+    for i in range(500):
+        monitor.observe(
+            identity(f"k{i}", f"10.{i // 250}.{i % 250}.1"),
+            ParsedRequest(parsed=True, features=rng.normal(size=(1, 4))),
+        )
+    assert len(monitor.identities) <= 50 and len(monitor.pools) <= 20
+
+
+# -- through the middleware -----------------------------------------------------------------
+
+W = np.random.default_rng(12).normal(size=(64, 10))
+
+
+async def _predict(request: Request) -> JSONResponse:
+    rows = np.asarray((await request.json())["instances"], dtype=float)
+    z = rows @ W
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return JSONResponse({"predictions": (p / p.sum(axis=1, keepdims=True)).tolist()})
+
+
+APP = Starlette(routes=[Route("/v1/models/m:predict", _predict, methods=["POST"])])
+
+
+@pytest.mark.anyio
+async def test_an_extraction_is_degraded_then_blocked(clock: FakeClock) -> None:
+    events: list[ShieldEvent] = []
+    app = shield(APP, clock, rate_limit="100000/minute", on_event=events.append)
+    rng = np.random.default_rng(13)
+    statuses, answers = [], []
+    async with client(app) as c:
+        for _ in range(300):
+            r = await c.post(
+                "/v1/models/m:predict",
+                json={"instances": uniform_rows(1, rng).tolist()},
+                headers={"x-api-key": "thief"},
+            )
+            statuses.append(r.status_code)
+            answers.append(r.json())
+            clock.advance(0.5)
+    kinds = [e.kind for e in events]
+    assert "level_changed" in kinds and "blocked" in kinds
+    assert statuses[0] == 200 and statuses[-1] == 429
+    blocked = answers[-1]
+    assert blocked["type"].endswith("#abnormal-usage-detected")
+    degraded = [a for a, e in zip(answers, statuses, strict=True) if e == 200][-1]["predictions"][0]
+    assert sorted(degraded)[-2] == 0.0 or max(degraded) < 0.99  # a stronger chain answered
+    first_change = next(e for e in events if e.kind == "level_changed")
+    assert first_change.risk > 0 and any(k.startswith("score.") for k in first_change.signals)
+
+
+@pytest.mark.anyio
+async def test_shadow_mode_reports_but_never_blocks(clock: FakeClock) -> None:
+    events: list[ShieldEvent] = []
+    app = shield(APP, clock, rate_limit="100000/minute", mode="shadow", on_event=events.append)
+    rng = np.random.default_rng(14)
+    async with client(app) as c:
+        statuses = []
+        for _ in range(300):
+            r = await c.post(
+                "/v1/models/m:predict",
+                json={"instances": uniform_rows(1, rng).tolist()},
+                headers={"x-api-key": "thief"},
+            )
+            statuses.append(r.status_code)
+            clock.advance(0.5)
+    assert set(statuses) == {200} and "blocked" in [e.kind for e in events]
+    assert all(e.shadow for e in events)
+
+
+def test_monitor_can_be_switched_off_and_policy_is_validated(clock: FakeClock) -> None:
+    off: Any = shield(APP, clock, monitor={"enabled": False})
+    assert isinstance(off.monitor, NullMonitor) and not off._graded
+    with pytest.raises(ConfigurationError, match="WATCH <= DEGRADE"):
+        shield(APP, clock, policy={"watch": 0.8, "degrade": 0.5})
+    with pytest.raises(ConfigurationError, match="MONITOR__COVERAGE"):
+        shield(APP, clock, monitor={"coverage": "high"})
