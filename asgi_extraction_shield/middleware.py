@@ -256,6 +256,9 @@ class ExtractionShield:
             detail = request.refusal or f"The request body could not be parsed: {request.problem}."
             return _Refusal(400, "about:blank", "Bad Request", detail)
         action = await self.policy.current(identity) if self._graded else NORMAL
+        if action.block_seconds > 0 and self.enforce:
+            # Blocked already (the ``blocked`` event went out when the block began).
+            return self._abnormal_refusal(action)
         cost = (
             request.cost
             if action.cost_multiplier == 1.0
@@ -291,17 +294,21 @@ class ExtractionShield:
             await self._emit("level_changed", identity, action, path, previous=before.level)
         if action.block_seconds <= 0:
             return None, action
-        await self._emit("blocked", identity, action, path)
+        if before.block_seconds <= 0:  # the block begins (or, in shadow mode, would)
+            await self._emit("blocked", identity, action, path)
         if not self.enforce:
             return None, action
-        refusal = _Refusal(
+        return self._abnormal_refusal(action), action
+
+    @staticmethod
+    def _abnormal_refusal(action: Action) -> _Refusal:
+        return _Refusal(
             429,
             ABNORMAL_USAGE,
             "Abnormal Usage Detected",
             "This client's requests look like automated model extraction.",
             max(1, math.ceil(action.block_seconds)),
         )
-        return refusal, action
 
     def _quota_refusal(self, decision: Decision, cost: int) -> _Refusal:
         if decision.over_capacity:

@@ -58,8 +58,8 @@ def slowapi_app() -> ASGIApp:
 
 
 def shield_app(**overrides: Any) -> ASGIApp:
-    """The shield with the limiter only: no payload parsing, no post-processing."""
-    settings = {"format": "none", **overrides}
+    """The shield with the limiter only: no payload parsing, monitor or post-processing."""
+    settings = {"format": "none", "monitor": {"enabled": False}, **overrides}
     return ExtractionShield(
         model_app(),
         rate_limit="100000000/minute",
@@ -68,9 +68,14 @@ def shield_app(**overrides: Any) -> ASGIApp:
     )
 
 
-def shield_full_app() -> ASGIApp:
-    """The full path on a KServe v1 request: payload parsed, outputs perturbed."""
+def shield_perturb_app() -> ASGIApp:
+    """A KServe v1 request parsed and its outputs perturbed, without the monitor."""
     return shield_app(format="auto", perturbation=FULL_CHAIN)
+
+
+def shield_full_app() -> ASGIApp:
+    """The full path: payload parsed, queries monitored, outputs perturbed (defaults)."""
+    return shield_app(format="auto", perturbation=FULL_CHAIN, monitor={"enabled": True})
 
 
 def scope() -> dict[str, Any]:
@@ -159,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bare": model_app,
         "slowapi": slowapi_app,
         "shield (limiter only)": shield_app,
+        "shield (parse + perturb)": shield_perturb_app,
         "shield (full path)": shield_full_app,
     }
     variants = {name: build() for name, build in builders.items()}
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "us_per_request": medians,
         "overhead_us": {name: value - bare for name, value in medians.items() if name != "bare"},
         "ratio_shield_to_slowapi_overhead": (medians["shield (limiter only)"] - bare)
+        / slow_overhead,
+        "ratio_parse_perturb_to_slowapi_overhead": (medians["shield (parse + perturb)"] - bare)
         / slow_overhead,
         "ratio_full_path_to_slowapi_overhead": (medians["shield (full path)"] - bare)
         / slow_overhead,
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"\nshield (limiter only) overhead / slowapi overhead = "
             f"{result['ratio_shield_to_slowapi_overhead']:.3f}"
+            f"\nshield (parse + perturb) overhead / slowapi overhead = "
+            f"{result['ratio_parse_perturb_to_slowapi_overhead']:.3f}"
             f"\nshield (full path) overhead / slowapi overhead = "
             f"{result['ratio_full_path_to_slowapi_overhead']:.3f}"
         )

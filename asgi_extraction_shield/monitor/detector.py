@@ -11,12 +11,19 @@ a member with at least an average share gets the pool's risk in full.
 
 Tables are bounded LRU caches: evicting a tracker forgets detection history, never a
 penalty (levels and blocks live in the policy's own protected table).
+
+Cost: a pool's tracker keeps no history of recent queries (novelty and near-duplicates are
+per identity; coverage, entropy, PRADA and request shares are pooled), and each tracker's
+risk is re-assessed every ``assess_every`` requests rather than at each one: a level can
+rise up to that many requests late, and the work per query stays a few array operations.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from cachetools import LRUCache
@@ -52,12 +59,18 @@ class ExtractionMonitor:
         ipv6_pool_prefix: int = 48,
         cohort_seconds: float = 600.0,
         max_members: int = 1_000,
+        assess_every: int = 8,
         clock: Clock = time.monotonic,
     ) -> None:
         self.featurizer = Featurizer(key, dim)
         rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
         self.config = config or TrackerConfig()
+        self.pool_config = replace(self.config, history=0)
+        self.assess_every = assess_every
+        self.dim = dim
         self.hyperplanes = rng.standard_normal((dim, self.config.simhash_bits))
+        self._powers = 1 << np.arange(self.config.simhash_bits, dtype=np.int64)
+        self._pool_nets: LRUCache[Any, str] = LRUCache(4096)
         self.rules = dict(rules)
         self.min_queries = min_queries
         self.identities: LRUCache[str, Tracker] = LRUCache(max_identities)
@@ -79,16 +92,17 @@ class ExtractionMonitor:
         now = self.clock()
         features = self.features(request)
         distribution = bool(request.flags & DISTRIBUTION_FLAGS)
+        buckets = self.buckets(features) if features is not None else []
         own = self._tracker(identity.key, now)
         own.observe_request(distribution, request.logit_bias_tokens, now)
         if features is not None:
-            own.observe_queries(features, now)
+            own.observe_queries(features, buckets, now)
         risk, signals, scores = self._assess(own)
         for pool in self.pool_keys(identity, now):
             tracker, members = self._pool(pool, now)
             tracker.observe_request(distribution, request.logit_bias_tokens, now)
             if features is not None:
-                tracker.observe_queries(features, now)
+                tracker.observe_queries(features, buckets, now)
             _count_member(
                 members,
                 identity.key,
@@ -124,15 +138,19 @@ class ExtractionMonitor:
             return self.featurizer.texts(request.texts)
         return None
 
+    def buckets(self, features: Matrix) -> list[int]:
+        """The keyed SimHash bucket of each feature row (random hyperplanes, Charikar 2002)."""
+        bits = (features @ self.hyperplanes) > 0
+        buckets: list[int] = (bits @ self._powers).tolist()
+        return buckets
+
     def pool_keys(self, identity: Identity, now: float) -> list[str]:
         keys = []
         for kind in self.pool_kinds:
             if kind == "all":
                 keys.append(ALL)
             elif kind == "net" and identity.network is not None:
-                net = identity.network
-                prefix = self.ipv4_pool_prefix if net.version == 4 else self.ipv6_pool_prefix
-                keys.append(f"net:{net.supernet(new_prefix=min(prefix, net.prefixlen))}")
+                keys.append(self._net_pool(identity.network))
             elif kind == "cohort":
                 first = self._first_seen.get(identity.key)
                 if first is None:
@@ -140,21 +158,35 @@ class ExtractionMonitor:
                 keys.append(f"cohort:{int(first // self.cohort_seconds)}")
         return keys
 
+    def _net_pool(self, net: Any) -> str:
+        key = self._pool_nets.get(net)
+        if key is None:
+            prefix = self.ipv4_pool_prefix if net.version == 4 else self.ipv6_pool_prefix
+            key = self._pool_nets[net] = (
+                f"net:{net.supernet(new_prefix=min(prefix, net.prefixlen))}"
+            )
+        return key
+
     def _tracker(self, key: str, now: float) -> Tracker:
         tracker = self.identities.get(key)
         if tracker is None:
-            tracker = self.identities[key] = Tracker(self.config, self.hyperplanes, now)
+            tracker = self.identities[key] = Tracker(self.config, self.dim, now)
         return tracker
 
     def _pool(self, key: str, now: float) -> tuple[Tracker, dict[str, int]]:
         entry = self.pools.get(key)
         if entry is None:
-            entry = self.pools[key] = (Tracker(self.config, self.hyperplanes, now), {})
+            entry = self.pools[key] = (Tracker(self.pool_config, self.dim, now), {})
         return entry
 
     def _assess(self, tracker: Tracker) -> tuple[float, dict[str, float], dict[str, float]]:
+        """The tracker's risk, re-computed every ``assess_every`` requests."""
+        cached = tracker.assessment
+        if cached is not None and tracker.requests - cached[0] < self.assess_every:
+            return cached[1], cached[2], cached[3]
         signals = tracker.signals()
         risk, scores = risk_of(signals, self.rules, self.min_queries)
+        tracker.assessment = (tracker.requests, risk, signals, scores)
         return risk, signals, scores
 
     def signals_of(self, key: str) -> dict[str, float] | None:

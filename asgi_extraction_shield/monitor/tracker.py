@@ -8,7 +8,9 @@ Signals (each a plain number, see :meth:`Tracker.signals`):
 
 - ``prada_w``: Shapiro–Wilk W of the minimum distances between each new query and the
   earlier queries that grew the set (PRADA, Juuti et al. 2019); natural queries give
-  roughly normal distances (W near 1), synthetic attack queries do not.
+  roughly normal distances (W near 1), synthetic attack queries do not. One growing set
+  per identity, not one per predicted class as in the paper: queries are observed before
+  the model has answered them.
 - ``coverage``: distinct keyed-SimHash buckets touched per query (over the last queries),
   and ``entropy``, the bucket histogram's normalised entropy: extractors spread over the
   input space, benign users concentrate on their topics (Kesarwani et al. 2018; B4B).
@@ -23,6 +25,7 @@ Signals (each a plain number, see :meth:`Tracker.signals`):
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,19 +34,16 @@ from numpy.typing import NDArray
 from .shapiro import shapiro_wilk
 
 Matrix = NDArray[np.float64]
-_POWERS = 1 << np.arange(62, dtype=np.int64)  # SimHash bits → bucket number
 
 
 @dataclass(frozen=True, slots=True)
 class TrackerConfig:
     history: int = 64
-    """Recent feature vectors kept (novelty, near-duplicates)."""
+    """Recent feature vectors kept (novelty, near-duplicates); 0 turns both off."""
     simhash_bits: int = 10
     """Hyperplanes of the keyed SimHash: 2^bits buckets."""
-    max_buckets: int = 1024
-    """Distinct buckets counted at most."""
     prada_points: int = 64
-    """Points kept in PRADA's growing sets, over all classes."""
+    """Points kept in PRADA's growing set (the oldest are forgotten)."""
     prada_distances: int = 500
     """Minimum distances kept for the Shapiro–Wilk test (the most recent)."""
     prada_min: int = 100
@@ -55,30 +55,75 @@ class TrackerConfig:
     low_margin: float = 0.1
     """An answer whose top-1 minus top-2 probability is below this has a low margin."""
     window: int = 200
-    """Queries over which shares and coverage are measured."""
+    """Queries (or requests, or answers) over which shares and coverage are measured."""
     novelty_rate: float = 0.05
     """Weight of each new query in the novelty moving average."""
 
 
+class _Share:
+    """The share of true values among the last ``size`` observations, in O(1)."""
+
+    __slots__ = ("count", "values")
+
+    def __init__(self, size: int) -> None:
+        self.values: deque[bool] = deque(maxlen=size)
+        self.count = 0
+
+    def push(self, value: bool) -> None:
+        values = self.values
+        if len(values) == values.maxlen and values[0]:
+            self.count -= 1
+        values.append(value)
+        self.count += value
+
+    @property
+    def share(self) -> float:
+        return self.count / len(self.values) if self.values else 0.0
+
+
+class _Points:
+    """A ring of vectors with their squared norms: distances and cosines in one product."""
+
+    __slots__ = ("filled", "norms2", "points", "position")
+
+    def __init__(self, size: int, dim: int) -> None:
+        self.points = np.zeros((size, dim))
+        self.norms2 = np.zeros(size)
+        self.filled = 0
+        self.position = 0
+
+    def add(self, x: Matrix, norm2: float) -> None:
+        self.points[self.position] = x
+        self.norms2[self.position] = norm2
+        self.position = (self.position + 1) % len(self.points)
+        self.filled = min(self.filled + 1, len(self.points))
+
+    def products(self, x: Matrix, norm2: float) -> tuple[Matrix, Matrix]:
+        """``(dot products, squared distances)`` of ``x`` with the stored points."""
+        dots = self.points[: self.filled] @ x
+        distances2 = np.maximum(self.norms2[: self.filled] + norm2 - 2.0 * dots, 0.0)
+        return dots, distances2
+
+
 class Tracker:
-    """State and signals of one identity or pool. ``hyperplanes`` is the shared keyed SimHash."""
+    """State and signals of one identity or pool."""
 
     __slots__ = (
-        "_bucket_order",
+        "_bucket_counts",
         "_buckets",
+        "_entropy",
         "_flags",
         "_history",
         "_margins",
         "_near",
-        "_prada_classes",
+        "_prada",
         "_prada_distances",
-        "_prada_points",
+        "_prada_recent",
         "_prada_threshold",
         "_since_test",
+        "assessment",
         "config",
-        "filled",
         "first_seen",
-        "hyperplanes",
         "last_seen",
         "logit_bias_tokens",
         "novelty",
@@ -88,143 +133,138 @@ class Tracker:
         "scale",
     )
 
-    def __init__(self, config: TrackerConfig, hyperplanes: Matrix, now: float) -> None:
-        dim = hyperplanes.shape[0]
+    def __init__(self, config: TrackerConfig, dim: int, now: float) -> None:
         self.config = config
-        self.hyperplanes = hyperplanes
-        self._history = np.zeros((config.history, dim))
-        self.filled = 0
+        self._history = _Points(max(1, config.history), dim)
         self.queries = 0
         self.requests = 0
         self.first_seen = now
         self.last_seen = now
-        self._buckets: dict[int, int] = {}
-        self._bucket_order: list[int] = []  # the bucket of each of the last ``window`` queries
+        self._buckets: deque[int] = deque(maxlen=config.window)
+        self._bucket_counts: dict[int, int] = {}
+        self._entropy: float | None = None
         self.novelty = 0.0
-        self._near: list[bool] = []
-        self._margins: list[bool] = []
-        self._flags: list[bool] = []
+        self._near = _Share(config.window)
+        self._margins = _Share(config.window)
+        self._flags = _Share(config.window)
         self.logit_bias_tokens: set[str] = set()
-        self._prada_points = np.zeros((0, dim))
-        self._prada_classes = np.zeros(0, dtype=np.int64)
-        self._prada_threshold: dict[int, float] = {}
-        self._prada_distances: list[float] = []
+        self._prada = _Points(config.prada_points, dim)
+        self._prada_threshold = 0.0
+        self._prada_distances: deque[float] = deque(maxlen=config.prada_distances)
+        self._prada_recent: deque[float] = deque(maxlen=50)
         self._since_test = 0
         self.prada_w = 1.0
-        self.scale = 0.0  # running typical distance between queries (EMA)
+        self.scale = 0.0  # running typical distance between queries
+        self.assessment: tuple[int, float, dict[str, float], dict[str, float]] | None = None
+        """``(requests, risk, signals, scores)`` when last assessed (kept by the monitor)."""
 
     # -- observing -------------------------------------------------------------------------
 
     def observe_request(self, distribution: bool, logit_bias: tuple[str, ...], now: float) -> None:
         self.requests += 1
         self.last_seen = now
-        _push(self._flags, distribution, self.config.window)
+        self._flags.push(distribution)
         if logit_bias and len(self.logit_bias_tokens) < 100_000:
             self.logit_bias_tokens.update(logit_bias)
 
-    def observe_queries(
-        self, features: Matrix, now: float, classes: NDArray[np.int64] | None = None
-    ) -> None:
-        """Feature rows of one request's queries (and their predicted classes, if known)."""
+    def observe_queries(self, features: Matrix, buckets: list[int], now: float) -> None:
+        """Feature rows of one request's queries and their SimHash buckets."""
         self.last_seen = now
-        for i, x in enumerate(features):
-            cls = int(classes[i]) if classes is not None and i < len(classes) else 0
-            self._observe_one(x, cls)
-        self.queries += len(features)
+        norms2 = np.einsum("ij,ij->i", features, features).tolist()
+        for x, norm2, bucket in zip(features, norms2, buckets, strict=True):
+            self._observe_one(x, norm2, bucket)
+        self.queries += len(buckets)
 
-    def _observe_one(self, x: Matrix, cls: int) -> None:
+    def _observe_one(self, x: Matrix, norm2: float, bucket: int) -> None:
         config = self.config
-        history = self._history[: self.filled]
-        if self.filled:
-            distances = np.sqrt(((history - x) ** 2).sum(axis=1))
-            nearest = float(distances.min())
-            norms = np.linalg.norm(history, axis=1) * (np.linalg.norm(x) or 1.0)
-            norms[norms == 0] = 1.0
-            similarity = float((history @ x / norms).max())
+        history = self._history
+        if history.filled and config.history:
+            dots, distances2 = history.products(x, norm2)
+            nearest2 = float(distances2.min())
+            nearest = math.sqrt(nearest2)
+            denominators = np.sqrt(history.norms2[: history.filled] * norm2)
+            denominators[denominators == 0] = 1.0
+            similarity = float((dots / denominators).max())
             self.novelty += config.novelty_rate * ((1.0 - similarity) - self.novelty)
-            typical = float(np.median(distances))
+            typical = math.sqrt(float(distances2.mean()))  # root-mean-square distance
             self.scale = typical if self.scale == 0 else self.scale + 0.05 * (typical - self.scale)
             # Near, but not the same query again: benign clients repeat queries exactly,
             # boundary probing steps a little away from earlier ones.
+            # (An exact repeat leaves only float rounding in ‖h‖² + ‖x‖² − 2h·x.)
             radius = config.near_duplicate_radius * self.scale
-            _push(self._near, 1e-9 * (self.scale or 1.0) < nearest < radius, config.window)
-        slot = self.queries % config.history if self.filled == config.history else self.filled
-        self._history[slot] = x
-        self.filled = min(self.filled + 1, config.history)
-        self._count_bucket(x)
-        self._prada(x, cls)
+            self._near.push(nearest2 > 1e-9 * (norm2 + 1e-12) and nearest < radius)
+        if config.history:
+            history.add(x, norm2)
+        self._count_bucket(bucket)
+        self._prada_step(x, norm2)
 
     def observe_margins(self, probabilities: Matrix) -> None:
         """Answers' probability rows: the share with a small top-1 / top-2 margin."""
         if probabilities.shape[1] < 2:
             return
-        top2 = np.sort(probabilities, axis=1)[:, -2:]
-        for low in (top2[:, 1] - top2[:, 0] < self.config.low_margin).tolist():
-            _push(self._margins, bool(low), self.config.window)
+        top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
+        for low in (np.abs(top2[:, 1] - top2[:, 0]) < self.config.low_margin).tolist():
+            self._margins.push(bool(low))
 
-    def _count_bucket(self, x: Matrix) -> None:
-        bits = (x @ self.hyperplanes) > 0
-        bucket = int(bits @ _POWERS[: len(bits)])
-        order = self._bucket_order
-        order.append(bucket)
-        self._buckets[bucket] = self._buckets.get(bucket, 0) + 1
-        if len(order) > self.config.window:
-            old = order.pop(0)
-            left = self._buckets[old] - 1
+    def _count_bucket(self, bucket: int) -> None:
+        buckets, counts = self._buckets, self._bucket_counts
+        if len(buckets) == buckets.maxlen:
+            old = buckets[0]
+            left = counts[old] - 1
             if left:
-                self._buckets[old] = left
+                counts[old] = left
             else:
-                del self._buckets[old]
+                del counts[old]
+        buckets.append(bucket)
+        counts[bucket] = counts.get(bucket, 0) + 1
+        self._entropy = None
 
-    def _prada(self, x: Matrix, cls: int) -> None:
-        """PRADA: grow per-class sets, record min distances, test their normality."""
+    def _prada_step(self, x: Matrix, norm2: float) -> None:
+        """PRADA: grow the set, record min distances, test their normality every few queries."""
         config = self.config
-        same = self._prada_points[self._prada_classes == cls]
-        if len(same) == 0:
-            self._add_prada_point(x, cls)
+        prada = self._prada
+        if not prada.filled:
+            prada.add(x, norm2)
             return
-        distances = np.sqrt(((same - x) ** 2).sum(axis=1))
-        d = float(distances.min())
-        _push(self._prada_distances, d, config.prada_distances)
-        threshold = self._prada_threshold.get(cls, 0.0)
-        if d > threshold:
-            self._add_prada_point(x, cls)
-            # T_c ← max(T_c, mean − std) of the set's distances (PRADA, Algorithm 1).
-            recent = np.asarray(self._prada_distances[-50:])
-            self._prada_threshold[cls] = max(threshold, float(recent.mean() - recent.std()))
+        d = math.sqrt(float(prada.products(x, norm2)[1].min()))
+        self._prada_distances.append(d)
+        self._prada_recent.append(d)
+        if d > self._prada_threshold:
+            prada.add(x, norm2)
+            # T ← max(T, mean − std) of the recent distances (PRADA, Algorithm 1).
+            recent = np.fromiter(self._prada_recent, dtype=np.float64)
+            self._prada_threshold = max(self._prada_threshold, float(recent.mean() - recent.std()))
         self._since_test += 1
         if len(self._prada_distances) > config.prada_min and self._since_test >= config.prada_every:
             self._since_test = 0
-            self.prada_w = _prada_statistic(np.asarray(self._prada_distances))
-
-    def _add_prada_point(self, x: Matrix, cls: int) -> None:
-        points, classes = self._prada_points, self._prada_classes
-        if len(points) >= self.config.prada_points:  # capped: forget the oldest point
-            points, classes = points[1:], classes[1:]
-        self._prada_points = np.vstack([points, x[None, :]])
-        self._prada_classes = np.append(classes, cls)
+            self.prada_w = _prada_statistic(np.fromiter(self._prada_distances, dtype=np.float64))
 
     # -- signals ---------------------------------------------------------------------------
 
+    def entropy(self) -> float:
+        """Normalised entropy of the bucket histogram over the window (cached until a query)."""
+        if self._entropy is None:
+            counts = self._bucket_counts
+            window = len(self._buckets)
+            if len(counts) < 2:
+                self._entropy = 0.0
+            else:
+                p = np.fromiter(counts.values(), dtype=np.float64) / window
+                top = math.log(min(window, 2**self.config.simhash_bits))
+                self._entropy = float(-(p * np.log(p)).sum() / top)
+        return self._entropy
+
     def signals(self) -> dict[str, float]:
-        window = len(self._bucket_order)
-        coverage = len(self._buckets) / window if window else 0.0
-        entropy = 0.0
-        if len(self._buckets) > 1:
-            counts = np.fromiter(self._buckets.values(), dtype=np.float64)
-            p = counts / counts.sum()
-            entropy = float(
-                -(p * np.log(p)).sum() / math.log(min(window, 2**self.config.simhash_bits))
-            )
+        window = len(self._buckets)
         return {
             "queries": float(self.queries),
             "prada_w": self.prada_w,
-            "coverage": coverage,
-            "entropy": entropy,
+            "coverage": len(self._bucket_counts) / window if window else 0.0,
+            "entropy": self.entropy(),
             "novelty": self.novelty,
-            "near_duplicates": _share(self._near),
-            "low_margin": _share(self._margins),
-            "distribution_requests": _share(self._flags),
+            "near_duplicates": self._near.share,
+            "low_margin": self._margins.share,
+            "distribution_requests": self._flags.share,
             "logit_bias_tokens": float(len(self.logit_bias_tokens)),
         }
 
@@ -237,13 +277,3 @@ def _prada_statistic(distances: Matrix) -> float:
         return 1.0
     w, _ = shapiro_wilk(kept)
     return float(w)
-
-
-def _push(values: list[bool] | list[float], value: bool | float, limit: int) -> None:
-    values.append(value)  # type: ignore[arg-type]
-    if len(values) > limit:
-        del values[0]
-
-
-def _share(flags: list[bool]) -> float:
-    return sum(flags) / len(flags) if flags else 0.0
