@@ -130,10 +130,10 @@ class MonitorSettings(BaseModel):
         50, ge=1, description="Queries an identity needs before sample-based signals count."
     )
     max_identities: int = Field(
-        10_000,
+        4_000,
         ge=1,
-        description="Identities tracked at once (about 20 KB each); least "
-        "recently seen are forgotten first (their penalties are kept by the policy).",
+        description="Identities tracked at once (about 25 KB each: 100 MB at the default); "
+        "least recently seen are forgotten first (their penalties are kept by the policy).",
     )
     pools: CommaList = Field(
         ["net", "cohort"],

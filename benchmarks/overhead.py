@@ -4,7 +4,8 @@ Drives each ASGI app directly (no server, no HTTP client): a bare Starlette mode
 endpoint answering a KServe v1 request (64 features) with 10-class probabilities, the
 same app behind slowapi (its pure-ASGI middleware, with a limit high enough never to
 trigger), behind the shield with the limiter only (``FORMAT=none``), and behind the
-shield on its full path (payload parsed, outputs perturbed by ``FULL_CHAIN``). Rounds are
+shield parsing the payload and rounding (``round:3``) or perturbing (``FULL_CHAIN``) the
+outputs, and on its full path with the query monitor on as well (the defaults). Rounds are
 interleaved so that machine noise hits every variant alike; each figure is the
 median over rounds of the mean µs per request in that round. Overheads are
 differences from the bare app; the verdict is the ratio of overheads, which is what
@@ -38,6 +39,7 @@ from asgi_extraction_shield import ExtractionShield
 
 BODY = json.dumps({"instances": [[round(0.01 * i, 2) for i in range(64)]]}).encode()
 PROBABILITIES = [[0.02, 0.03, 0.05, 0.07, 0.08, 0.1, 0.12, 0.13, 0.15, 0.25]]
+LIGHT_CHAIN = "round:3"
 FULL_CHAIN = "reverse_sigmoid:beta=1:gamma=0.2:guard_top1=true,round:3"
 
 
@@ -68,8 +70,13 @@ def shield_app(**overrides: Any) -> ASGIApp:
     )
 
 
+def shield_round_app() -> ASGIApp:
+    """A KServe v1 request parsed and its outputs rounded (``round:3``), no monitor."""
+    return shield_app(format="auto", perturbation=LIGHT_CHAIN)
+
+
 def shield_perturb_app() -> ASGIApp:
-    """A KServe v1 request parsed and its outputs perturbed, without the monitor."""
+    """A KServe v1 request parsed and its outputs perturbed by ``FULL_CHAIN``, no monitor."""
     return shield_app(format="auto", perturbation=FULL_CHAIN)
 
 
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bare": model_app,
         "slowapi": slowapi_app,
         "shield (limiter only)": shield_app,
+        "shield (parse + round:3)": shield_round_app,
         "shield (parse + perturb)": shield_perturb_app,
         "shield (full path)": shield_full_app,
     }
@@ -176,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "us_per_request": medians,
         "overhead_us": {name: value - bare for name, value in medians.items() if name != "bare"},
         "ratio_shield_to_slowapi_overhead": (medians["shield (limiter only)"] - bare)
+        / slow_overhead,
+        "ratio_parse_round_to_slowapi_overhead": (medians["shield (parse + round:3)"] - bare)
         / slow_overhead,
         "ratio_parse_perturb_to_slowapi_overhead": (medians["shield (parse + perturb)"] - bare)
         / slow_overhead,
@@ -195,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"\nshield (limiter only) overhead / slowapi overhead = "
             f"{result['ratio_shield_to_slowapi_overhead']:.3f}"
+            f"\nshield (parse + round:3) overhead / slowapi overhead = "
+            f"{result['ratio_parse_round_to_slowapi_overhead']:.3f}"
             f"\nshield (parse + perturb) overhead / slowapi overhead = "
             f"{result['ratio_parse_perturb_to_slowapi_overhead']:.3f}"
             f"\nshield (full path) overhead / slowapi overhead = "

@@ -122,8 +122,7 @@ def test_tracker_state_is_bounded() -> None:
     tracker = tracker_after(uniform_rows(3000, np.random.default_rng(7)), config)
     assert tracker.queries == 3000 and tracker._history.filled == 32
     assert tracker._history.points.shape[0] == 32 and tracker._prada.points.shape[0] == 16
-    assert len(tracker._prada_distances) == 100
-    assert len(tracker._buckets) == 50 and sum(tracker._bucket_counts.values()) == 50
+    assert tracker._prada_distances.filled == 100 and tracker._buckets.filled == 50
 
 
 # -- risk -----------------------------------------------------------------------------------
@@ -304,3 +303,42 @@ def test_monitor_can_be_switched_off_and_policy_is_validated(clock: FakeClock) -
         shield(APP, clock, policy={"watch": 0.8, "degrade": 0.5})
     with pytest.raises(ConfigurationError, match="MONITOR__COVERAGE"):
         shield(APP, clock, monitor={"coverage": "high"})
+
+
+@pytest.mark.anyio
+async def test_answers_feed_the_low_margin_signal(clock: FakeClock) -> None:
+    async def flat(request: Request) -> JSONResponse:
+        n = len((await request.json())["instances"])
+        return JSONResponse({"predictions": [[0.26, 0.25, 0.25, 0.24]] * n})
+
+    inner = Starlette(routes=[Route("/v1/models/m:predict", flat, methods=["POST"])])
+    app: Any = shield(inner, clock, rate_limit="100000/minute")
+    async with client(app) as c:
+        for i in range(5):
+            r = await c.post(
+                "/v1/models/m:predict",
+                json={"instances": [[float(i)] * 4] * 2},
+                headers={"x-api-key": "k"},
+            )
+            assert r.json()["predictions"][0] == [0.26, 0.25, 0.25, 0.24]  # observed, untouched
+    (key,) = app.monitor.identities.keys()
+    assert app.monitor.signals_of(key)["low_margin"] == 1.0
+
+
+def test_memory_per_tracked_identity_is_small() -> None:
+    import tracemalloc
+
+    monitor = ExtractionMonitor(KEY, ShieldSettings().monitor.rules(), dim=32, pools=())
+    rows = np.random.default_rng(16).normal(size=(600, 64))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for u in range(40):
+            who = Identity(f"u{u}", "header")
+            for i in range(0, 600, 3):
+                monitor.observe(who, ParsedRequest(parsed=True, features=rows[i : i + 3]))
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    per_identity = sum(s.size_diff for s in after.compare_to(before, "filename")) / 40
+    assert per_identity < 40_000  # README and MONITOR__MAX_IDENTITIES say about 25 KB

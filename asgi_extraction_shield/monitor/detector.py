@@ -52,7 +52,7 @@ class ExtractionMonitor:
         dim: int = 32,
         config: TrackerConfig | None = None,
         min_queries: int = 50,
-        max_identities: int = 10_000,
+        max_identities: int = 4_000,
         max_pools: int = 4_096,
         pools: tuple[str, ...] = ("net", "cohort"),
         ipv4_pool_prefix: int = 24,

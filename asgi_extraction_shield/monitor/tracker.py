@@ -25,8 +25,8 @@ Signals (each a plain number, see :meth:`Tracker.signals`):
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -60,25 +60,44 @@ class TrackerConfig:
     """Weight of each new query in the novelty moving average."""
 
 
+class _Ring:
+    """The last ``size`` values of one kind, in a preallocated array (compact per identity)."""
+
+    __slots__ = ("filled", "position", "values")
+
+    def __init__(self, size: int, dtype: type) -> None:
+        self.values: NDArray[Any] = np.zeros(size, dtype=dtype)
+        self.filled = 0
+        self.position = 0
+
+    def push(self, value: float) -> float:
+        """Store ``value``; returns the value it replaced (0 while filling)."""
+        values = self.values
+        old = values[self.position] if self.filled == len(values) else 0
+        values[self.position] = value
+        self.position = (self.position + 1) % len(values)
+        self.filled = min(self.filled + 1, len(values))
+        return float(old)
+
+    def view(self) -> NDArray[Any]:
+        return self.values[: self.filled]
+
+
 class _Share:
     """The share of true values among the last ``size`` observations, in O(1)."""
 
-    __slots__ = ("count", "values")
+    __slots__ = ("count", "ring")
 
     def __init__(self, size: int) -> None:
-        self.values: deque[bool] = deque(maxlen=size)
+        self.ring = _Ring(size, np.bool_)
         self.count = 0
 
     def push(self, value: bool) -> None:
-        values = self.values
-        if len(values) == values.maxlen and values[0]:
-            self.count -= 1
-        values.append(value)
-        self.count += value
+        self.count += value - int(self.ring.push(value))
 
     @property
     def share(self) -> float:
-        return self.count / len(self.values) if self.values else 0.0
+        return self.count / self.ring.filled if self.ring.filled else 0.0
 
 
 class _Points:
@@ -87,8 +106,9 @@ class _Points:
     __slots__ = ("filled", "norms2", "points", "position")
 
     def __init__(self, size: int, dim: int) -> None:
-        self.points = np.zeros((size, dim))
-        self.norms2 = np.zeros(size)
+        # float32: half the memory per identity; distances need no more precision.
+        self.points = np.zeros((size, dim), dtype=np.float32)
+        self.norms2 = np.zeros(size, dtype=np.float32)
         self.filled = 0
         self.position = 0
 
@@ -98,10 +118,10 @@ class _Points:
         self.position = (self.position + 1) % len(self.points)
         self.filled = min(self.filled + 1, len(self.points))
 
-    def products(self, x: Matrix, norm2: float) -> tuple[Matrix, Matrix]:
+    def products(self, x: Matrix, norm2: float) -> tuple[NDArray[Any], NDArray[Any]]:
         """``(dot products, squared distances)`` of ``x`` with the stored points."""
-        dots = self.points[: self.filled] @ x
-        distances2 = np.maximum(self.norms2[: self.filled] + norm2 - 2.0 * dots, 0.0)
+        dots = self.points[: self.filled] @ x.astype(np.float32)
+        distances2 = np.maximum(self.norms2[: self.filled] + np.float32(norm2) - 2.0 * dots, 0.0)
         return dots, distances2
 
 
@@ -109,7 +129,6 @@ class Tracker:
     """State and signals of one identity or pool."""
 
     __slots__ = (
-        "_bucket_counts",
         "_buckets",
         "_entropy",
         "_flags",
@@ -140,9 +159,8 @@ class Tracker:
         self.requests = 0
         self.first_seen = now
         self.last_seen = now
-        self._buckets: deque[int] = deque(maxlen=config.window)
-        self._bucket_counts: dict[int, int] = {}
-        self._entropy: float | None = None
+        self._buckets = _Ring(config.window, np.int32)
+        self._entropy: tuple[float, float] | None = None  # (coverage, entropy), cached
         self.novelty = 0.0
         self._near = _Share(config.window)
         self._margins = _Share(config.window)
@@ -150,8 +168,8 @@ class Tracker:
         self.logit_bias_tokens: set[str] = set()
         self._prada = _Points(config.prada_points, dim)
         self._prada_threshold = 0.0
-        self._prada_distances: deque[float] = deque(maxlen=config.prada_distances)
-        self._prada_recent: deque[float] = deque(maxlen=50)
+        self._prada_distances = _Ring(config.prada_distances, np.float32)
+        self._prada_recent = _Ring(50, np.float32)
         self._since_test = 0
         self.prada_w = 1.0
         self.scale = 0.0  # running typical distance between queries
@@ -207,16 +225,7 @@ class Tracker:
             self._margins.push(bool(low))
 
     def _count_bucket(self, bucket: int) -> None:
-        buckets, counts = self._buckets, self._bucket_counts
-        if len(buckets) == buckets.maxlen:
-            old = buckets[0]
-            left = counts[old] - 1
-            if left:
-                counts[old] = left
-            else:
-                del counts[old]
-        buckets.append(bucket)
-        counts[bucket] = counts.get(bucket, 0) + 1
+        self._buckets.push(bucket)
         self._entropy = None
 
     def _prada_step(self, x: Matrix, norm2: float) -> None:
@@ -227,40 +236,45 @@ class Tracker:
             prada.add(x, norm2)
             return
         d = math.sqrt(float(prada.products(x, norm2)[1].min()))
-        self._prada_distances.append(d)
-        self._prada_recent.append(d)
+        self._prada_distances.push(d)
+        self._prada_recent.push(d)
         if d > self._prada_threshold:
             prada.add(x, norm2)
             # T ← max(T, mean − std) of the recent distances (PRADA, Algorithm 1).
-            recent = np.fromiter(self._prada_recent, dtype=np.float64)
+            recent = self._prada_recent.view()
             self._prada_threshold = max(self._prada_threshold, float(recent.mean() - recent.std()))
         self._since_test += 1
-        if len(self._prada_distances) > config.prada_min and self._since_test >= config.prada_every:
+        distances = self._prada_distances
+        if distances.filled > config.prada_min and self._since_test >= config.prada_every:
             self._since_test = 0
-            self.prada_w = _prada_statistic(np.fromiter(self._prada_distances, dtype=np.float64))
+            self.prada_w = _prada_statistic(distances.view().astype(np.float64))
 
     # -- signals ---------------------------------------------------------------------------
 
-    def entropy(self) -> float:
-        """Normalised entropy of the bucket histogram over the window (cached until a query)."""
+    def coverage(self) -> tuple[float, float]:
+        """Distinct buckets per query and the normalised entropy of the bucket histogram,
+        over the window (cached until the next query)."""
         if self._entropy is None:
-            counts = self._bucket_counts
-            window = len(self._buckets)
-            if len(counts) < 2:
-                self._entropy = 0.0
+            window = self._buckets.filled
+            if window == 0:
+                self._entropy = (0.0, 0.0)
             else:
-                p = np.fromiter(counts.values(), dtype=np.float64) / window
-                top = math.log(min(window, 2**self.config.simhash_bits))
-                self._entropy = float(-(p * np.log(p)).sum() / top)
+                counts = np.unique(self._buckets.view(), return_counts=True)[1]
+                entropy = 0.0
+                if len(counts) > 1:
+                    p = counts / window
+                    top = math.log(min(window, 2**self.config.simhash_bits))
+                    entropy = float(-(p * np.log(p)).sum() / top)
+                self._entropy = (len(counts) / window, entropy)
         return self._entropy
 
     def signals(self) -> dict[str, float]:
-        window = len(self._buckets)
+        coverage, entropy = self.coverage()
         return {
             "queries": float(self.queries),
             "prada_w": self.prada_w,
-            "coverage": len(self._bucket_counts) / window if window else 0.0,
-            "entropy": self.entropy(),
+            "coverage": coverage,
+            "entropy": entropy,
             "novelty": self.novelty,
             "near_duplicates": self._near.share,
             "low_margin": self._margins.share,
