@@ -188,3 +188,27 @@ def test_shield_never_breaks_or_corrupts_a_response(
     if payload != answer:  # rewritten: valid JSON, same top-level shape
         rewritten = json.loads(payload)
         assert type(rewritten) is type(json.loads(answer))
+
+
+@FAST
+@given(
+    rows=st.one_of(
+        prob_rows, st.lists(st.lists(numbers, min_size=1, max_size=5), min_size=1, max_size=8)
+    )
+)
+def test_few_rows_fast_path_agrees_with_numpy(rows: list[list[Any]]) -> None:
+    from asgi_extraction_shield.formats.base import numeric_matrix, probability_rows
+
+    fast = probability_rows(rows)
+    matrix = numeric_matrix(rows)
+    slow = (
+        matrix
+        if matrix is not None
+        and matrix.shape[1] >= 2
+        and matrix.min() >= 0
+        and np.abs(matrix.sum(axis=1) - 1).max() <= 1e-3
+        else None
+    )
+    assert (fast is None) == (slow is None)
+    if fast is not None and slow is not None:
+        np.testing.assert_array_equal(fast, slow)
