@@ -99,6 +99,7 @@ SIGNALS = (
     "novelty",
     "near_duplicates",
     "low_margin",
+    "class_entropy",
     "distribution_requests",
     "logit_bias_tokens",
 )
@@ -126,6 +127,13 @@ class MonitorSettings(BaseModel):
         le=4096,
         description="Recent queries kept per identity (novelty, near-duplicates).",
     )
+    simhash_bits: int = Field(
+        6,
+        ge=2,
+        le=20,
+        description="Hyperplanes of the keyed SimHash that coverage and "
+        "entropy count buckets of (2^bits buckets).",
+    )
     min_queries: int = Field(
         50, ge=1, description="Queries an identity needs before sample-based signals count."
     )
@@ -148,11 +156,14 @@ class MonitorSettings(BaseModel):
     prada_w: str = _rule(
         "0.94:0.85", "PRADA's Shapiro-Wilk W: risk from W below low, full at high."
     )
-    coverage: str = _rule("0.25:0.6", "Distinct SimHash buckets per query.")
-    entropy: str = _rule("0.6:0.9", "Normalised entropy of the SimHash bucket histogram.")
-    novelty: str = _rule("0.2:0.5", "Moving average of 1 - max cosine similarity to history.")
+    coverage: str = _rule("0.5:0.7", "Distinct SimHash buckets per query.")
+    entropy: str = _rule("0.75:0.9", "Normalised entropy of the SimHash bucket histogram.")
+    novelty: str = _rule("0.28:0.45", "Moving average of 1 - max cosine similarity to history.")
     near_duplicates: str = _rule("0.2:0.6", "Share of near-duplicate (probing) queries.")
     low_margin: str = _rule("0.3:0.7", "Share of answers with a small top-1/top-2 margin.")
+    class_entropy: str = _rule(
+        "0.8:0.95", "Normalised entropy of the answers' top-1 classes (a thief needs them all)."
+    )
     distribution_requests: str = _rule(
         "0.5:1.0:0.3", "Share of requests asking for full distributions or logprobs."
     )
@@ -171,33 +182,14 @@ class MonitorSettings(BaseModel):
                 raise ValueError(f"{pool!r} is not a pool: expected 'net', 'cohort' or 'all'")
         return value
 
-    @field_validator(
-        "prada_w",
-        "coverage",
-        "entropy",
-        "novelty",
-        "near_duplicates",
-        "low_margin",
-        "distribution_requests",
-        "logit_bias_tokens",
-    )
+    @field_validator(*SIGNALS)
     @classmethod
     def _check_rule(cls, value: str) -> str:
         parse_rule(value)
         return value
 
     def rules(self) -> dict[str, SignalRule]:
-        names = (
-            "prada_w",
-            "coverage",
-            "entropy",
-            "novelty",
-            "near_duplicates",
-            "low_margin",
-            "distribution_requests",
-            "logit_bias_tokens",
-        )
-        rules = {name: parse_rule(getattr(self, name)) for name in names}
+        rules = {name: parse_rule(getattr(self, name)) for name in SIGNALS}
         # Request-level signals count from the first request, not after a sample.
         for name in ("distribution_requests", "logit_bias_tokens"):
             rule = rules[name]

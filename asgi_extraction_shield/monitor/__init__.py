@@ -40,7 +40,7 @@ def build_monitor(
         derive_key(secret, "monitor"),
         config.rules(),
         dim=config.dim,
-        config=TrackerConfig(history=config.history),
+        config=TrackerConfig(history=config.history, simhash_bits=config.simhash_bits),
         min_queries=config.min_queries,
         max_identities=config.max_identities,
         pools=tuple(config.pools),

@@ -6,8 +6,10 @@ belongs to: its IP prefix (/24, /48 by default) and its cohort (identities first
 the same time window). A sybil attacker who splits an extraction over many keys stays
 under every per-identity threshold, but the keys share a prefix or were created together,
 and their pool shows the signature (together they cover the space; benign users of one app
-overlap). A pool's risk is attributed to its members in proportion to what they fed it:
-a member with at least an average share gets the pool's risk in full.
+overlap). Only signals of how queries are made count for a pool (PRADA's distances, answers
+on decision boundaries, distribution requests): what a pool covers reflects how many
+different users it has, not extraction. A pool's risk is attributed to its members in
+proportion to what they fed it: a member with at least an average share gets it in full.
 
 Tables are bounded LRU caches: evicting a tracker forgets detection history, never a
 penalty (levels and blocks live in the policy's own protected table).
@@ -39,6 +41,8 @@ from .tracker import Tracker, TrackerConfig
 
 Matrix = NDArray[np.float64]
 ALL = "all:"
+POOL_SIGNALS = frozenset({"prada_w", "low_margin", "distribution_requests", "logit_bias_tokens"})
+"""Signals that count for pools (see ``pool_rules``)."""
 
 
 class ExtractionMonitor:
@@ -71,7 +75,12 @@ class ExtractionMonitor:
         self.hyperplanes = rng.standard_normal((dim, self.config.simhash_bits))
         self._powers = 1 << np.arange(self.config.simhash_bits, dtype=np.int64)
         self._pool_nets: LRUCache[Any, str] = LRUCache(4096)
+        self._means = [np.zeros(dim), np.zeros(dim)]  # numeric, text
+        self._seen = [0, 0]
         self.rules = dict(rules)
+        # A pool mixes clients who ask about different things: what it covers says nothing,
+        # only how its queries are made (synthetic distances, boundary answers) does.
+        self.pool_rules = {k: v for k, v in self.rules.items() if k in POOL_SIGNALS}
         self.min_queries = min_queries
         self.identities: LRUCache[str, Tracker] = LRUCache(max_identities)
         self.pools: LRUCache[str, tuple[Tracker, dict[str, int]]] = LRUCache(max_pools)
@@ -93,16 +102,17 @@ class ExtractionMonitor:
         features = self.features(request)
         distribution = bool(request.flags & DISTRIBUTION_FLAGS)
         buckets = self.buckets(features) if features is not None else []
+        digests = _digests(request, features)
         own = self._tracker(identity.key, now)
         own.observe_request(distribution, request.logit_bias_tokens, now)
         if features is not None:
-            own.observe_queries(features, buckets, now)
+            own.observe_queries(features, buckets, digests, now)
         risk, signals, scores = self._assess(own)
         for pool in self.pool_keys(identity, now):
             tracker, members = self._pool(pool, now)
             tracker.observe_request(distribution, request.logit_bias_tokens, now)
             if features is not None:
-                tracker.observe_queries(features, buckets, now)
+                tracker.observe_queries(features, buckets, digests, now)
             _count_member(
                 members,
                 identity.key,
@@ -111,7 +121,7 @@ class ExtractionMonitor:
             )
             if pool == ALL:
                 continue  # a baseline for operators: mostly benign, never attributed
-            pool_risk, pool_signals, pool_scores = self._assess(tracker)
+            pool_risk, pool_signals, pool_scores = self._assess(tracker, self.pool_rules)
             attributed = pool_risk * _share_ratio(members, identity.key)
             if attributed > risk:
                 risk = attributed
@@ -124,19 +134,44 @@ class ExtractionMonitor:
         return Assessment(risk, {**signals, **{f"score.{k}": v for k, v in scores.items()}})
 
     def observe_outputs(self, identity: Identity, outputs: Outputs) -> None:
-        """Answers: the share of low-margin probability rows."""
+        """Answers (probability rows): margins and top-1 classes, for the identity and its pools."""
+        if outputs.probabilities is None:
+            return
         tracker = self.identities.get(identity.key)
-        if tracker is not None and outputs.probabilities is not None:
-            tracker.observe_margins(outputs.probabilities)
+        if tracker is not None:
+            tracker.observe_answers(outputs.probabilities)
+        for pool in self.pool_keys(identity, self.clock()):
+            entry = self.pools.get(pool)
+            if entry is not None:
+                entry[0].observe_answers(outputs.probabilities)
 
     # -- pieces -----------------------------------------------------------------------------
 
     def features(self, request: ParsedRequest) -> Matrix | None:
+        """Feature rows of a request's queries, centred on the running mean of all traffic.
+
+        Centring matters: hyperplanes and cosines through the origin say little about data
+        that all lies on one side of it (pixel values, counts, anything non-negative).
+        """
         if request.features is not None and len(request.features):
-            return self.featurizer.numeric(request.features)
+            rows = self.featurizer.numeric(request.features)
+            return rows - self._centre(rows, numeric=True)
         if request.texts:
-            return self.featurizer.texts(request.texts)
+            rows = self.featurizer.texts(request.texts)
+            return rows - self._centre(rows, numeric=False)
         return None
+
+    def _centre(self, rows: Matrix, numeric: bool) -> Matrix:
+        """The running mean of numeric or text features (exact for the first 10,000 rows,
+        then a slow moving average), updated with ``rows``."""
+        index = 0 if numeric else 1
+        count = self._seen[index]
+        mean = self._means[index]
+        for row in rows:
+            count += 1
+            mean += (row - mean) / min(count, 10_000)
+        self._seen[index] = count
+        return mean
 
     def buckets(self, features: Matrix) -> list[int]:
         """The keyed SimHash bucket of each feature row (random hyperplanes, Charikar 2002)."""
@@ -179,19 +214,30 @@ class ExtractionMonitor:
             entry = self.pools[key] = (Tracker(self.pool_config, self.dim, now), {})
         return entry
 
-    def _assess(self, tracker: Tracker) -> tuple[float, dict[str, float], dict[str, float]]:
+    def _assess(
+        self, tracker: Tracker, rules: Mapping[str, SignalRule] | None = None
+    ) -> tuple[float, dict[str, float], dict[str, float]]:
         """The tracker's risk, re-computed every ``assess_every`` requests."""
         cached = tracker.assessment
         if cached is not None and tracker.requests - cached[0] < self.assess_every:
             return cached[1], cached[2], cached[3]
         signals = tracker.signals()
-        risk, scores = risk_of(signals, self.rules, self.min_queries)
+        risk, scores = risk_of(signals, self.rules if rules is None else rules, self.min_queries)
         tracker.assessment = (tracker.requests, risk, signals, scores)
         return risk, signals, scores
 
     def signals_of(self, key: str) -> dict[str, float] | None:
         tracker = self.identities.get(key)
         return None if tracker is None else tracker.signals()
+
+
+def _digests(request: ParsedRequest, features: Matrix | None) -> list[int]:
+    """A 64-bit digest of each query's canonical form (keyed per process by ``hash``)."""
+    if features is None:
+        return []
+    if len(request.keys) == len(features):
+        return [hash(key) for key in request.keys]
+    return [hash(row.tobytes()) for row in features]
 
 
 def _count_member(members: dict[str, int], key: str, count: int, limit: int) -> None:

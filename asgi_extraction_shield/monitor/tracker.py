@@ -18,6 +18,8 @@ Signals (each a plain number, see :meth:`Tracker.signals`):
 - ``near_duplicates``: share of queries within a small distance of a recent one
   (boundary probing, SEAT-lite, Zhang et al. 2021).
 - ``low_margin``: share of answers whose top-1 / top-2 margin is small.
+- ``class_entropy``: normalised entropy of the answers' top-1 classes: a substitute needs
+  answers of every class, a benign user mostly asks about a few.
 - ``distribution_requests``: share of requests asking for full distributions / logprobs;
   ``logit_bias_tokens``: distinct token ids pushed with ``logit_bias`` (Carlini et al. 2024).
 """
@@ -58,6 +60,8 @@ class TrackerConfig:
     """Queries (or requests, or answers) over which shares and coverage are measured."""
     novelty_rate: float = 0.05
     """Weight of each new query in the novelty moving average."""
+    repeats: int = 256
+    """Recent queries remembered (as 64-bit digests) to recognise a query asked again."""
 
 
 class _Ring:
@@ -130,6 +134,10 @@ class Tracker:
 
     __slots__ = (
         "_buckets",
+        "_class_entropy",
+        "_classes",
+        "_classes_seen",
+        "_digests",
         "_entropy",
         "_flags",
         "_history",
@@ -160,10 +168,14 @@ class Tracker:
         self.first_seen = now
         self.last_seen = now
         self._buckets = _Ring(config.window, np.int32)
+        self._digests = _Ring(config.repeats, np.int64)
         self._entropy: tuple[float, float] | None = None  # (coverage, entropy), cached
         self.novelty = 0.0
         self._near = _Share(config.window)
         self._margins = _Share(config.window)
+        self._classes = _Ring(config.window, np.int32)
+        self._classes_seen = 0
+        self._class_entropy: float | None = None
         self._flags = _Share(config.window)
         self.logit_bias_tokens: set[str] = set()
         self._prada = _Points(config.prada_points, dim)
@@ -185,17 +197,24 @@ class Tracker:
         if logit_bias and len(self.logit_bias_tokens) < 100_000:
             self.logit_bias_tokens.update(logit_bias)
 
-    def observe_queries(self, features: Matrix, buckets: list[int], now: float) -> None:
-        """Feature rows of one request's queries and their SimHash buckets."""
+    def observe_queries(
+        self, features: Matrix, buckets: list[int], digests: list[int], now: float
+    ) -> None:
+        """Feature rows of one request's queries, their SimHash buckets, and a digest of
+        each query's canonical form (to recognise a query asked again)."""
         self.last_seen = now
         norms2 = np.einsum("ij,ij->i", features, features).tolist()
-        for x, norm2, bucket in zip(features, norms2, buckets, strict=True):
-            self._observe_one(x, norm2, bucket)
+        for x, norm2, bucket, digest in zip(features, norms2, buckets, digests, strict=True):
+            self._observe_one(x, norm2, bucket, digest)
         self.queries += len(buckets)
 
-    def _observe_one(self, x: Matrix, norm2: float, bucket: int) -> None:
+    def _observe_one(self, x: Matrix, norm2: float, bucket: int, digest: int) -> None:
         config = self.config
         history = self._history
+        # Benign clients ask the same query again; that says nothing of how their queries
+        # are made, so a repeat feeds neither PRADA nor the near-duplicate share.
+        repeat = bool(self._digests.filled and (self._digests.view() == digest).any())
+        self._digests.push(digest)
         if history.filled and config.history:
             dots, distances2 = history.products(x, norm2)
             nearest2 = float(distances2.min())
@@ -206,23 +225,28 @@ class Tracker:
             self.novelty += config.novelty_rate * ((1.0 - similarity) - self.novelty)
             typical = math.sqrt(float(distances2.mean()))  # root-mean-square distance
             self.scale = typical if self.scale == 0 else self.scale + 0.05 * (typical - self.scale)
-            # Near, but not the same query again: benign clients repeat queries exactly,
-            # boundary probing steps a little away from earlier ones.
-            # (An exact repeat leaves only float rounding in ‖h‖² + ‖x‖² − 2h·x.)
-            radius = config.near_duplicate_radius * self.scale
-            self._near.push(nearest2 > 1e-9 * (norm2 + 1e-12) and nearest < radius)
+            # Near, but not the same query again: boundary probing steps a little away
+            # from earlier queries.
+            if not repeat:
+                radius = config.near_duplicate_radius * self.scale
+                self._near.push(nearest2 > 1e-9 * (norm2 + 1e-12) and nearest < radius)
         if config.history:
             history.add(x, norm2)
         self._count_bucket(bucket)
-        self._prada_step(x, norm2)
+        if not repeat:
+            self._prada_step(x, norm2)
 
-    def observe_margins(self, probabilities: Matrix) -> None:
-        """Answers' probability rows: the share with a small top-1 / top-2 margin."""
+    def observe_answers(self, probabilities: Matrix) -> None:
+        """Answers' probability rows: margins, and which class each answer's top-1 is."""
         if probabilities.shape[1] < 2:
             return
         top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
         for low in (np.abs(top2[:, 1] - top2[:, 0]) < self.config.low_margin).tolist():
             self._margins.push(bool(low))
+        self._classes_seen = max(self._classes_seen, probabilities.shape[1])
+        for label in np.argmax(probabilities, axis=1).tolist():
+            self._classes.push(label)
+        self._class_entropy = None
 
     def _count_bucket(self, bucket: int) -> None:
         self._buckets.push(bucket)
@@ -268,6 +292,20 @@ class Tracker:
                 self._entropy = (len(counts) / window, entropy)
         return self._entropy
 
+    def class_entropy(self) -> float:
+        """Normalised entropy of the answers' top-1 classes over the window: extraction needs
+        answers from every class, a user mostly asks about a few (cached until an answer)."""
+        if self._class_entropy is None:
+            labels = self._classes.view()
+            value = 0.0
+            if len(labels) > 1 and self._classes_seen > 1:
+                counts = np.unique(labels, return_counts=True)[1]
+                p = counts / len(labels)
+                top = math.log(min(len(labels), self._classes_seen))
+                value = float(-(p * np.log(p)).sum() / top) if top > 0 else 0.0
+            self._class_entropy = value
+        return self._class_entropy
+
     def signals(self) -> dict[str, float]:
         coverage, entropy = self.coverage()
         return {
@@ -278,6 +316,7 @@ class Tracker:
             "novelty": self.novelty,
             "near_duplicates": self._near.share,
             "low_margin": self._margins.share,
+            "class_entropy": self.class_entropy(),
             "distribution_requests": self._flags.share,
             "logit_bias_tokens": float(len(self.logit_bias_tokens)),
         }
