@@ -156,8 +156,12 @@ class MonitorSettings(BaseModel):
     prada_w: str = _rule(
         "0.94:0.85", "PRADA's Shapiro-Wilk W: risk from W below low, full at high."
     )
+    pool_prada_w: str = _rule(
+        "0.88:0.8",
+        "PRADA's W for pools: stricter, as a pool's distances mix several users' queries.",
+    )
     coverage: str = _rule("0.5:0.7", "Distinct SimHash buckets per query.")
-    entropy: str = _rule("0.75:0.9", "Normalised entropy of the SimHash bucket histogram.")
+    entropy: str = _rule("0.85:0.95", "Normalised entropy of the SimHash bucket histogram.")
     novelty: str = _rule("0.28:0.45", "Moving average of 1 - max cosine similarity to history.")
     near_duplicates: str = _rule("0.2:0.6", "Share of near-duplicate (probing) queries.")
     low_margin: str = _rule("0.3:0.7", "Share of answers with a small top-1/top-2 margin.")
@@ -182,7 +186,7 @@ class MonitorSettings(BaseModel):
                 raise ValueError(f"{pool!r} is not a pool: expected 'net', 'cohort' or 'all'")
         return value
 
-    @field_validator(*SIGNALS)
+    @field_validator(*SIGNALS, "pool_prada_w")
     @classmethod
     def _check_rule(cls, value: str) -> str:
         parse_rule(value)

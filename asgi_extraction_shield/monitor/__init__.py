@@ -34,11 +34,15 @@ def build_monitor(
     config = settings.monitor
     if not config.enabled:
         return None
+    from ..settings import parse_rule
     from .tracker import TrackerConfig
 
+    rules = config.rules()
+    pool_rules = {**rules, "prada_w": parse_rule(config.pool_prada_w)}
     return ExtractionMonitor(
         derive_key(secret, "monitor"),
-        config.rules(),
+        rules,
+        pool_rules=pool_rules,
         dim=config.dim,
         config=TrackerConfig(history=config.history, simhash_bits=config.simhash_bits),
         min_queries=config.min_queries,

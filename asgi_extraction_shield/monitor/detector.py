@@ -53,6 +53,7 @@ class ExtractionMonitor:
         key: bytes,
         rules: Mapping[str, SignalRule],
         *,
+        pool_rules: Mapping[str, SignalRule] | None = None,
         dim: int = 32,
         config: TrackerConfig | None = None,
         min_queries: int = 50,
@@ -80,7 +81,8 @@ class ExtractionMonitor:
         self.rules = dict(rules)
         # A pool mixes clients who ask about different things: what it covers says nothing,
         # only how its queries are made (synthetic distances, boundary answers) does.
-        self.pool_rules = {k: v for k, v in self.rules.items() if k in POOL_SIGNALS}
+        base = self.rules if pool_rules is None else pool_rules
+        self.pool_rules = {k: v for k, v in base.items() if k in POOL_SIGNALS}
         self.min_queries = min_queries
         self.identities: LRUCache[str, Tracker] = LRUCache(max_identities)
         self.pools: LRUCache[str, tuple[Tracker, dict[str, int]]] = LRUCache(max_pools)
