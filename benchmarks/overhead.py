@@ -38,7 +38,9 @@ from starlette.types import ASGIApp, Message
 from asgi_extraction_shield import ExtractionShield
 
 BODY = json.dumps({"instances": [[round(0.01 * i, 2) for i in range(64)]]}).encode()
-PROBABILITIES = [[0.02, 0.03, 0.05, 0.07, 0.08, 0.1, 0.12, 0.13, 0.15, 0.25]]
+# A confident answer, as most answers to a benign client are (a low top-1/top-2 margin on
+# every answer is one of the monitor's extraction signals).
+PROBABILITIES = [[0.01, 0.02, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.1, 0.6]]
 LIGHT_CHAIN = "round:3"
 FULL_CHAIN = "reverse_sigmoid:beta=1:gamma=0.2:guard_top1=true,round:3"
 

@@ -378,3 +378,20 @@ def test_memory_per_tracked_identity_is_small() -> None:
         tracemalloc.stop()
     per_identity = sum(s.size_diff for s in after.compare_to(before, "filename")) / 40
     assert per_identity < 40_000  # README and MONITOR__MAX_IDENTITIES say about 25 KB
+
+
+@pytest.mark.anyio
+async def test_a_client_repeating_one_query_is_never_flagged(clock: FakeClock) -> None:
+    # The only client of an API dominates the running mean its queries are centred on;
+    # asking the same thing again and again must not look novel (a regression: it did).
+    events: list[ShieldEvent] = []
+    app = shield(APP, clock, rate_limit="100000/minute", on_event=events.append)
+    row = np.random.default_rng(20).normal(size=(1, 64)).round(3).tolist()
+    async with client(app) as c:
+        for _ in range(300):
+            r = await c.post(
+                "/v1/models/m:predict", json={"instances": row}, headers={"x-api-key": "k"}
+            )
+            assert r.status_code == 200
+            clock.advance(1.0)
+    assert events == []

@@ -219,10 +219,16 @@ class Tracker:
             dots, distances2 = history.products(x, norm2)
             nearest2 = float(distances2.min())
             nearest = math.sqrt(nearest2)
-            denominators = np.sqrt(history.norms2[: history.filled] * norm2)
-            denominators[denominators == 0] = 1.0
-            similarity = float((dots / denominators).max())
-            self.novelty += config.novelty_rate * ((1.0 - similarity) - self.novelty)
+            if not repeat:
+                # Cosines of vectors near the centre are noise: floor the norms at a small
+                # fraction of the typical distance.
+                floor = (1e-3 * self.scale) ** 2
+                denominators = np.sqrt(
+                    np.maximum(history.norms2[: history.filled], floor) * max(norm2, floor)
+                )
+                denominators[denominators == 0] = 1.0
+                similarity = float((dots / denominators).max())
+                self.novelty += config.novelty_rate * ((1.0 - similarity) - self.novelty)
             typical = math.sqrt(float(distances2.mean()))  # root-mean-square distance
             self.scale = typical if self.scale == 0 else self.scale + 0.05 * (typical - self.scale)
             # Near, but not the same query again: boundary probing steps a little away
