@@ -224,6 +224,8 @@ class IdentityResolver:
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
         self.identify = identify
+        self.with_network = True
+        """Whether identities carry the client's network even when a key identified them."""
         # Addresses are not secrets: their hashes are cached (bounded) to save work per request.
         self._ip_keys: LRUCache[IPNetwork, str] = LRUCache(maxsize=16_384)
         self._peer_networks: dict[str, IPNetwork | None] = {}
@@ -263,11 +265,17 @@ class IdentityResolver:
         return self.from_sources(scope)
 
     def from_sources(self, scope: Scope) -> Identity | None:
-        """The identity from the configured sources alone (no custom callable, no await)."""
-        network = self.network(scope)
+        """The identity from the configured sources alone (no custom callable, no await).
+
+        The client's network is filled in when ``with_network`` is set (the monitor's pools
+        need it) or when the identity is the IP itself.
+        """
+        network = self.network(scope) if self.with_network else None
         headers = scope["headers"]
         for kind, arg, name in self._lookups:
             if kind == "ip":
+                if network is None:
+                    network = self.network(scope)
                 if network is not None:
                     key = self._ip_keys.get(network)
                     if key is None:

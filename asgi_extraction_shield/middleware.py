@@ -137,6 +137,7 @@ class ExtractionShield:
         )
         # Fast path: with neither monitor nor policy, only the limiter runs.
         self._graded = not isinstance(self.monitor, NullMonitor) or risk_policy is not None
+        self.identities.with_network = self._graded  # only the monitor's pools use it
         self.events = EventEmitter(on_event)
         self.internal_errors = 0
 

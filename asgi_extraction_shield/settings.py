@@ -162,7 +162,7 @@ class MonitorSettings(BaseModel):
     )
     coverage: str = _rule("0.5:0.7", "Distinct SimHash buckets per query.")
     entropy: str = _rule("0.85:0.95", "Normalised entropy of the SimHash bucket histogram.")
-    novelty: str = _rule("0.28:0.45", "Moving average of 1 - max cosine similarity to history.")
+    novelty: str = _rule("0.42:0.52", "Moving average of 1 - max cosine similarity to history.")
     near_duplicates: str = _rule("0.2:0.6", "Share of near-duplicate (probing) queries.")
     low_margin: str = _rule("0.3:0.7", "Share of answers with a small top-1/top-2 margin.")
     class_entropy: str = _rule(

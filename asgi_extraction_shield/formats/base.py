@@ -122,10 +122,10 @@ class FlatCost:
     def __init__(self, cost: int = 1) -> None:
         if cost < 0:
             raise ValueError("cost must be non-negative")
-        self._cost = cost
+        self._request = ParsedRequest(cost=cost)  # shared: nothing downstream changes it
 
     def parse_request(self, scope: Scope, body: bytes) -> ParsedRequest:
-        return ParsedRequest(cost=self._cost)
+        return self._request
 
 
 # -- helpers shared by the adapters --------------------------------------------------------
