@@ -149,7 +149,8 @@ def canonical_keys(items: list[Any], features: NDArray[np.float64] | None) -> li
     flat is the same query.
     """
     if features is not None and len(features) == len(items):
-        rows = features.astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, the same key
+            rows = features.astype(np.float32)
         return [b"f32:" + row.tobytes() for row in rows]
     return [canonical(item) for item in items]
 
