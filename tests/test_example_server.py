@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +12,8 @@ import pytest
 from starlette.types import ASGIApp
 
 from asgi_extraction_shield import ExtractionShield
+
+from .servers import running
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "model_server.py"
 PREDICT = "/v1/models/blobs:predict"
@@ -148,43 +145,11 @@ async def test_rate_limit_from_env_refuses_the_fourth_prediction(
     assert health.status_code == 200  # exempt paths are never refused
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_running_the_example_serves_predictions(tmp_path: Path) -> None:
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PORT": str(port), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(EXAMPLE)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                assert process.poll() is None, f"server exited early:\n{log.read_text()}"
-                assert time.monotonic() < deadline, f"server not up in 15 s:\n{log.read_text()}"
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            response = httpx.post(
-                base + PREDICT, json={"instances": ms.X_TEST[:3].tolist()}, timeout=5
-            )
-            assert response.status_code == 200, response.text
-            _assert_probability_rows(response.json()["predictions"], 3)
-            assert "ratelimit" in response.headers
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with running(EXAMPLE, log) as base:
+        response = httpx.post(base + PREDICT, json={"instances": ms.X_TEST[:3].tolist()}, timeout=5)
+        assert response.status_code == 200, response.text
+        _assert_probability_rows(response.json()["predictions"], 3)
+        assert "ratelimit" in response.headers
     assert f"curl -si {base}{PREDICT}" in log.read_text()

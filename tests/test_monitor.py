@@ -395,3 +395,14 @@ async def test_a_client_repeating_one_query_is_never_flagged(clock: FakeClock) -
             assert r.status_code == 200
             clock.advance(1.0)
     assert events == []
+
+
+def test_pools_count_only_how_queries_are_made() -> None:
+    from asgi_extraction_shield.monitor.detector import POOL_SIGNALS
+
+    settings = ShieldSettings()
+    monitor: Any = shield(APP, FakeClock()).monitor
+    assert set(monitor.pool_rules) == POOL_SIGNALS & set(settings.monitor.rules())
+    assert "coverage" not in monitor.pool_rules and "class_entropy" not in monitor.pool_rules
+    # pools have their own, stricter PRADA threshold
+    assert monitor.pool_rules["prada_w"].low == 0.88 and monitor.rules["prada_w"].low == 0.94

@@ -4,11 +4,7 @@ behind the shield, in-process through ``httpx.ASGITransport`` (and once over a r
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +19,7 @@ from starlette.types import ASGIApp
 from asgi_extraction_shield import ExtractionShield
 
 from .conftest import SECRET
+from .servers import running
 
 pytestmark = pytest.mark.anyio
 
@@ -224,46 +221,12 @@ async def test_rate_limit_surfaces_as_rate_limit_error() -> None:
 # -- the example as a program ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PORT": str(port),
-        "PYTHONUNBUFFERED": "1",
-        "EXTRACTION_SHIELD_SECRET_KEY": SECRET,
-        "EXTRACTION_SHIELD_PERTURBATION": HYGIENE,
-    }
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(EXAMPLE)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                assert process.poll() is None, f"server exited early:\n{log.read_text()}"
-                assert time.monotonic() < deadline, f"server not up in 15 s:\n{log.read_text()}"
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    env = {"EXTRACTION_SHIELD_SECRET_KEY": SECRET, "EXTRACTION_SHIELD_PERTURBATION": HYGIENE}
+    with running(EXAMPLE, log, env) as base:
+        yield base + "/v1"
     assert "curl -s" in log.read_text()
 
 
