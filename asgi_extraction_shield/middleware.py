@@ -146,6 +146,11 @@ class ExtractionShield:
         self._protected_all = "*" in settings.protected_paths
         self._protected_exact = frozenset(settings.protected_paths)
         self._protected_glob = None if self._protected_all else _glob(settings.protected_paths)
+        # Every path not exactly exempt is protected: no pattern to match per request.
+        self._simple_paths = self._protected_all and self._exempt_glob is None
+        self._max_body = settings.max_body_bytes
+        self._reject_anonymous = settings.anonymous == "reject" and self.enforce
+        self._strict = settings.strict
         self._headers = self.enforce and settings.expose_headers
         self._policy_header = (b"ratelimit-policy", self.limiter.policy_header().encode())
 
@@ -176,14 +181,14 @@ class ExtractionShield:
         if (
             scope["type"] != "http"
             or scope["path"] in self._exempt_exact  # the fast path: one set lookup
-            or not self.is_protected(scope["path"])
+            or not (self._simple_paths or self.is_protected(scope["path"]))
         ):
             if scope["type"] == "lifespan":
                 send = self._close_storage_on_shutdown(send)
             await self.app(scope, receive, send)
             return
 
-        buffered = await read_body(scope, receive, self.settings.max_body_bytes)
+        buffered = await read_body(scope, receive, self._max_body)
         if buffered.too_large and self.enforce:
             await send_problem(
                 send,
@@ -237,7 +242,7 @@ class ExtractionShield:
             else await self.identities.resolve(scope)
         )
         if identity is None:
-            if self.settings.anonymous == "reject" and self.enforce:
+            if self._reject_anonymous:
                 return _Refusal(
                     401,
                     "about:blank",
@@ -251,8 +256,7 @@ class ExtractionShield:
             else ParsedRequest(problem="the body was not read whole")
         )
         if self.enforce and (
-            request.refusal is not None
-            or (self.settings.strict and not request.parsed and request.problem)
+            request.refusal is not None or (self._strict and not request.parsed and request.problem)
         ):
             detail = request.refusal or f"The request body could not be parsed: {request.problem}."
             return _Refusal(400, "about:blank", "Bad Request", detail)
