@@ -160,6 +160,9 @@ def test_risk_is_a_weighted_noisy_or() -> None:
     early, early_scores = risk_of({**signals, "queries": 10.0}, rules, min_queries=50)
     assert set(early_scores) == {"distribution_requests"} and early == pytest.approx(0.5)
     assert risk_of({"queries": 100.0, "coverage": 0.1}, rules, 50) == (0.0, {})
+    # A step rule keeps its weight: 'x:x:0' switches a signal off, it does not flag everyone.
+    assert SignalRule(0.0, 0.0, 0.0).score(0.0) == 0.0
+    assert SignalRule(0.5, 0.5, 0.4).score(0.7) == 0.4 and SignalRule(0.5, 0.5).score(0.4) == 0.0
 
 
 # -- pools ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ class SignalRule:
 
     def score(self, value: float) -> float:
         if self.high == self.low:
-            return 1.0 if value >= self.high else 0.0
+            return self.weight if value >= self.high else 0.0
         fraction = (value - self.low) / (self.high - self.low)
         return self.weight * min(1.0, max(0.0, fraction))
 

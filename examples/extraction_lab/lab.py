@@ -1,4 +1,4 @@
-"""The lab's worlds, run one by one or in worker processes, and the report they make.
+"""The lab's worlds, run one by one or in worker processes.
 
 Worlds (each with a fresh shield, a fresh fake clock and its own seeded randomness):
 
@@ -20,14 +20,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
 
 from threadpoolctl import threadpool_limits
 
 from asgi_extraction_shield import ShieldSettings
 
 from .attacks import strategies
-from .benign import population
+from .benign import BenignPlan, population
 from .config import SECRET_KEY, SPLITS, LabConfig
 from .thieves import fidelity_curve
 from .victim import Digits, Victim, load_data
@@ -214,6 +213,6 @@ def _spread_ip(i: int) -> str:
     return f"172.{16 + i // 256}.{i % 256}.9"
 
 
-def _benign_actor(plan: Any) -> Actor:
+def _benign_actor(plan: BenignPlan) -> Actor:
     trace = Trace(plan.name, "benign", plan.network)
     return Actor(trace, plan.api_key, plan.ip, plan.times[0], plan=plan)
