@@ -125,7 +125,7 @@ class GradedPolicy:
         self._states: dict[str, _State] = {}
 
     def _decayed(self, state: _State, now: float) -> float:
-        if self.half_life <= 0:
+        if self.half_life <= 0 or now <= state.updated:
             return state.risk
         return float(state.risk * 0.5 ** (max(0.0, now - state.updated) / self.half_life))
 
@@ -157,12 +157,16 @@ class GradedPolicy:
             state = self._insert(identity.key, _State(0.0, "normal", now))
         risk = max(assessment.risk, self._decayed(state, now))
         level = self.thresholds.level(risk, state.level)
+        updated = now
         if level == "block" and state.blocked_until <= now:
             if state.level != "block":
                 state.blocked_until = now + self.block_seconds
+                # Risk does not decay while the client sits out its block: it comes back
+                # as suspicious as it left, and is blocked again if it carries on.
+                updated = state.blocked_until
             else:
                 level = "throttle"  # served its block: back to throttle until risk rises again
-        state.risk, state.level, state.updated, state.assessment = risk, level, now, assessment
+        state.risk, state.level, state.updated, state.assessment = risk, level, updated, assessment
         return self._action(state, now)
 
     def state(self, key: str) -> tuple[float, Level, float] | None:

@@ -77,3 +77,21 @@ async def test_a_flood_of_watched_identities_cannot_evict_penalties(clock: FakeC
     assert len(policy._states) <= 100
     state = policy.state(WHO.key)
     assert state is not None and state[1] == "throttle"
+
+
+async def test_risk_does_not_decay_during_a_block(clock: FakeClock) -> None:
+    # A client that sits out its block comes back as suspicious as it left.
+    policy = GradedPolicy(block_seconds=900.0, half_life=600.0, clock=clock)
+    assert (await policy.update(WHO, Assessment(0.95))).level == "block"
+    clock.advance(900.0)
+    back = await policy.current(WHO)
+    assert back.block_seconds == 0.0 and back.level == "throttle"
+    state = policy.state(WHO.key)
+    assert state is not None and state[0] == pytest.approx(0.95)
+    # carrying on with the same behaviour: blocked again at once
+    again = await policy.update(WHO, Assessment(0.95))
+    assert again.level == "block" and again.block_seconds == 900.0
+    # an honest client's risk decays after the block, from the block's end
+    clock.advance(900.0 + 600.0)
+    state = policy.state(WHO.key)
+    assert state is not None and state[0] == pytest.approx(0.475)
