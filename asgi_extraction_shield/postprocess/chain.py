@@ -53,6 +53,20 @@ def _changed(before: NDArray[np.float64], after: NDArray[np.float64]) -> bool:
     return before.shape != after.shape or bool((before != after).any())
 
 
+class ProbabilityProcessor(Processor):
+    """A processor of probability rows only: subclasses give the new rows."""
+
+    def rows(self, p: NDArray[np.float64], outputs: Outputs, ctx: Context) -> NDArray[np.float64]:
+        raise NotImplementedError
+
+    def apply(self, outputs: Outputs, ctx: Context) -> bool:
+        p = outputs.probabilities
+        if p is None:
+            return False
+        outputs.probabilities = self.rows(p, outputs, ctx)
+        return _changed(p, outputs.probabilities)
+
+
 class Round(Processor):
     """Round probabilities (sums kept), scores and embeddings to ``decimals``.
 
@@ -82,7 +96,7 @@ class Round(Processor):
         return changed
 
 
-class TopK(Processor):
+class TopK(ProbabilityProcessor):
     name = "top_k"
     params: ClassVar[dict[str, type]] = {"k": int, "renormalize": bool}
 
@@ -91,28 +105,18 @@ class TopK(Processor):
             raise ValueError("top_k: k must be at least 1")
         self.k, self.renormalize = k, renormalize
 
-    def apply(self, outputs: Outputs, ctx: Context) -> bool:
-        if outputs.probabilities is None:
-            return False
-        new = perturb.top_k(outputs.probabilities, self.k, self.renormalize)
-        changed = _changed(outputs.probabilities, new)
-        outputs.probabilities = new
-        return changed
+    def rows(self, p: NDArray[np.float64], outputs: Outputs, ctx: Context) -> NDArray[np.float64]:
+        return perturb.top_k(p, self.k, self.renormalize)
 
 
-class LabelOnly(Processor):
+class LabelOnly(ProbabilityProcessor):
     name = "label_only"
 
-    def apply(self, outputs: Outputs, ctx: Context) -> bool:
-        if outputs.probabilities is None:
-            return False
-        new = perturb.label_only(outputs.probabilities)
-        changed = _changed(outputs.probabilities, new)
-        outputs.probabilities = new
-        return changed
+    def rows(self, p: NDArray[np.float64], outputs: Outputs, ctx: Context) -> NDArray[np.float64]:
+        return perturb.label_only(p)
 
 
-class ReverseSigmoid(Processor):
+class ReverseSigmoid(ProbabilityProcessor):
     name = "reverse_sigmoid"
     params: ClassVar[dict[str, type]] = {"beta": float, "gamma": float, "guard_top1": bool}
 
@@ -121,15 +125,11 @@ class ReverseSigmoid(Processor):
             raise ValueError("reverse_sigmoid: beta must be >= 0 and gamma > 0")
         self.beta, self.gamma, self.guard_top1 = beta, gamma, guard_top1
 
-    def apply(self, outputs: Outputs, ctx: Context) -> bool:
-        if outputs.probabilities is None:
-            return False
-        p = outputs.probabilities
-        outputs.probabilities = perturb.reverse_sigmoid(p, self.beta, self.gamma, self.guard_top1)
-        return _changed(p, outputs.probabilities)
+    def rows(self, p: NDArray[np.float64], outputs: Outputs, ctx: Context) -> NDArray[np.float64]:
+        return perturb.reverse_sigmoid(p, self.beta, self.gamma, self.guard_top1)
 
 
-class Poison(Processor):
+class Poison(ProbabilityProcessor):
     name = "poison"
     params: ClassVar[dict[str, type]] = {"alpha": float, "epsilon": float}
 
@@ -139,16 +139,13 @@ class Poison(Processor):
             raise ValueError("poison: alpha must be in [0, 1) and epsilon in [0, 2]")
         self.alpha, self.epsilon = alpha, epsilon
 
-    def apply(self, outputs: Outputs, ctx: Context) -> bool:
-        if outputs.probabilities is None or outputs.probabilities.shape[1] < 2:
-            return False
-        p = outputs.probabilities
-        seeds = ctx.seeds(outputs, b"poison")
-        outputs.probabilities = perturb.poison(p, seeds, self.alpha, self.epsilon)
-        return _changed(p, outputs.probabilities)
+    def rows(self, p: NDArray[np.float64], outputs: Outputs, ctx: Context) -> NDArray[np.float64]:
+        if p.shape[1] < 2:
+            return p
+        return perturb.poison(p, ctx.seeds(outputs, b"poison"), self.alpha, self.epsilon)
 
 
-class Misinformation(Processor):
+class Misinformation(ProbabilityProcessor):
     name = "misinformation"
     params: ClassVar[dict[str, type]] = {"tau": float, "nu": float}
 
@@ -157,13 +154,8 @@ class Misinformation(Processor):
             raise ValueError("misinformation: tau must be in [0, 1] and nu > 0")
         self.tau, self.nu = tau, nu
 
-    def apply(self, outputs: Outputs, ctx: Context) -> bool:
-        if outputs.probabilities is None:
-            return False
-        p = outputs.probabilities
-        seeds = ctx.seeds(outputs, b"misinformation")
-        outputs.probabilities = perturb.misinformation(p, seeds, self.tau, self.nu)
-        return _changed(p, outputs.probabilities)
+    def rows(self, p: NDArray[np.float64], outputs: Outputs, ctx: Context) -> NDArray[np.float64]:
+        return perturb.misinformation(p, ctx.seeds(outputs, b"misinformation"), self.tau, self.nu)
 
 
 class EmbeddingNoise(Processor):
