@@ -44,6 +44,7 @@ from .problem import ABNORMAL_USAGE, QUOTA_EXCEEDED, send_problem
 from .responder import Responder, with_headers
 from .settings import ShieldOverrides, ShieldSettings
 from .storage import Storage, storage_from_url
+from .watermark import build_watermarks, rewrite_request
 
 logger = logging.getLogger("asgi_extraction_shield")
 
@@ -132,9 +133,16 @@ class ExtractionShield:
             build_policy(settings.policy, clock) if built is not None else StaticPolicy()
         )
         observe_outputs = getattr(self.monitor, "observe_outputs", None)
+        watermarks = build_watermarks(settings, secret)
         self.postprocessor = postprocessor or build_postprocessor(
-            settings, secret, observe_outputs, graded=isinstance(self.policy, GradedPolicy)
+            settings,
+            secret,
+            observe_outputs,
+            graded=isinstance(self.policy, GradedPolicy),
+            watermarks=watermarks,
         )
+        # Watermarks that change the request itself (a keyed logit_bias, say).
+        self._request_marks = tuple(w for w in watermarks if w.rewrites_requests)
         # Fast path: with neither monitor nor policy, only the limiter runs.
         self._graded = not isinstance(self.monitor, NullMonitor) or risk_policy is not None
         self.identities.with_network = self._graded  # only the monitor's pools use it
@@ -287,7 +295,12 @@ class ExtractionShield:
             if self.postprocessor is not None
             else None
         )
-        return self._rate_headers(decision), transform, request.upstream_body
+        upstream = request.upstream_body
+        if self._request_marks and request.parsed:
+            upstream = (
+                rewrite_request(self._request_marks, request, upstream or buffered.body) or upstream
+            )
+        return self._rate_headers(decision), transform, upstream
 
     async def _grade(
         self, identity: Identity, request: ParsedRequest, before: Action, path: str
