@@ -322,7 +322,10 @@ def verify(
         inputs, answers = load_pairs(suspect)
         inputs, answers = inputs[:probes], answers[:probes]
         return chosen.test(wkey, inputs, read_answers(inputs, answers), alpha)
-    inputs = chosen.probes(wkey, probes, load_records(records))
+    try:
+        inputs = chosen.probes(wkey, probes, load_records(records))
+    except ValueError as exc:
+        raise VerificationError(str(exc)) from None
     if isinstance(suspect, str):
         client = HttpSuspect(suspect, format, headers, model=model)
         return chosen.test(wkey, inputs, client.ask(inputs), alpha)
