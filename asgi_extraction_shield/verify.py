@@ -316,9 +316,7 @@ def verify(
         raise VerificationError(f"probes={probes!r}: expected at least 1")
     chosen = _scheme(scheme)
     wkey = watermark_key(key, chosen.name)
-    if isinstance(suspect, str | os.PathLike) and not str(suspect).startswith(
-        ("http://", "https://")
-    ):
+    if isinstance(suspect, os.PathLike) or (isinstance(suspect, str) and "://" not in suspect):
         inputs, answers = load_pairs(suspect)
         inputs, answers = inputs[:probes], answers[:probes]
         return chosen.test(wkey, inputs, read_answers(inputs, answers), alpha)
