@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import signal as scipy_signal
 from scipy import stats
 from starlette.applications import Starlette
@@ -31,7 +33,7 @@ from asgi_extraction_shield.watermark.dawn import DAWN
 from asgi_extraction_shield.watermark.drw import DRW, signal
 from asgi_extraction_shield.watermark.projection import cells, directions, phase
 from asgi_extraction_shield.watermark.records import RecordStore
-from asgi_extraction_shield.watermark.stats import binomial_sf, lomb_scargle
+from asgi_extraction_shield.watermark.stats import binomial_sf, keyed_choice_sf, lomb_scargle
 
 from .conftest import SECRET
 
@@ -95,6 +97,30 @@ def test_lomb_scargle_matches_scipy() -> None:
 def test_binomial_tail_matches_scipy(k: int, n: int, p: float) -> None:
     expected = float(stats.binom.sf(k - 1, n, p))
     assert math.isclose(binomial_sf(k, n, p), expected, rel_tol=1e-9, abs_tol=1e-300)
+
+
+def test_keyed_choice_tail_is_exact() -> None:
+    counts = [[3, 0, 1], [0, 2, 0], [1, 1, 1], [4, 0, 0]]
+    totals = [
+        a[i] + b[j] + c[k] + d[m]
+        for a in [counts[0]]
+        for b in [counts[1]]
+        for c in [counts[2]]
+        for d in [counts[3]]
+        for i in range(3)
+        for j in range(3)
+        for k in range(3)
+        for m in range(3)
+    ]
+    for observed in range(12):
+        expected = sum(t >= observed for t in totals) / len(totals)
+        assert math.isclose(keyed_choice_sf(observed, counts), expected, rel_tol=1e-12)
+    # One answer per region: the binomial of the region-level test.
+    one_hot = [[1 if c == r % 10 else 0 for c in range(10)] for r in range(40)]
+    for observed in (0, 4, 9, 20):
+        assert math.isclose(
+            keyed_choice_sf(observed, one_hot), binomial_sf(observed, 40, 0.1), rel_tol=1e-9
+        )
 
 
 # -- DRW -------------------------------------------------------------------------------------
@@ -175,6 +201,7 @@ def test_dawn_changes_about_rate_of_answers_and_keeps_rows_valid() -> None:
     before = model(x)
     after = shielded(dawn, x).probabilities
     assert after is not None
+    np.testing.assert_array_equal(after, shielded(dawn, x).probabilities)  # deterministic
     # Rows are permutations of themselves: still distributions, same values.
     np.testing.assert_allclose(np.sort(after, axis=1), np.sort(before, axis=1))
     changed = (after.argmax(axis=1) != before.argmax(axis=1)).mean()
@@ -183,6 +210,9 @@ def test_dawn_changes_about_rate_of_answers_and_keeps_rows_valid() -> None:
     assert abs(changed - expected) < 5 * sd + 0.01  # regions hold a few inputs each
     marked = dawn.store.records("id")
     assert len(marked) == len({canonical_keys([r["input"]], None)[0] for r in marked})
+    assert len(marked) == (after.argmax(axis=1) != before.argmax(axis=1)).sum() + sum(
+        1 for r in marked if before[x.tolist().index(r["input"])].argmax() == r["label"]
+    )
     assert {r["identity"] for r in marked} == {"id"}
     for record in marked[:20]:
         i = x.tolist().index(record["input"])
@@ -219,7 +249,12 @@ def test_dawn_detects_a_copy_and_not_with_a_wrong_key() -> None:
     answers = [Outputs([b""], probabilities=copied[index[tuple(p)]][None]) for p in probes]
     result = dawn.test(key, probes, answers, 1e-3)
     assert result.verdict and result.p_value < 1e-6
-    assert result.details["agreeing"] == result.details["regions"]
+    assert result.details["regions_agreeing"] == result.details["regions"]
+    # The keyed class tops every region: rank K - 1 = 4 each.
+    assert result.statistic == 4 * result.details["regions"]
+    as_labels = [Outputs([b""], labels=np.argmax(a.probabilities, axis=1)) for a in answers]
+    by_labels = dawn.test(key, probes, as_labels, 1e-3)
+    assert by_labels.verdict and by_labels.statistic == by_labels.probes  # every answer agrees
     wrong = dawn.test(watermark_key(SECRET + "x", "dawn"), probes, answers, 1e-3)
     assert not wrong.verdict
 
@@ -243,14 +278,19 @@ def test_dawn_null_is_exact_binomial() -> None:
 def test_records_are_bounded_and_written(tmp_path: Path) -> None:
     path = tmp_path / "records.jsonl"
     store = RecordStore(path, per_identity=3, max_identities=2)
-    store.add("a", [{"input": i} for i in range(5)])
-    store.add("b", [{"input": "b"}])
-    store.add("c", [{"input": "c"}])  # evicts "a", the least recently marked
+
+    def rec(value: Any) -> tuple[bytes, dict[str, Any]]:
+        return json.dumps(value).encode(), {"input": value}
+
+    store.add("a", [rec(i) for i in range(5)])
+    store.add("b", [rec("b")])
+    store.add("c", [rec("c")])  # evicts "a", the least recently marked
     assert store.identities() == ["b", "c"]
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["input"] for r in lines] == [0, 1, 2, 3, 4, "b", "c"]
-    store.add("b", [{"input": 1}, {"input": 2}, {"input": 3}])
-    assert [r["input"] for r in store.records("b")] == [1, 2, 3]
+    store.add("b", [rec(1), rec(2), rec("b"), rec(3)])  # "b" again: refreshed, not rewritten
+    assert [r["input"] for r in store.records("b")] == [2, "b", 3]
+    assert len(path.read_text().splitlines()) == 10
     assert store.export(tmp_path / "out.jsonl") == 4
 
 
@@ -260,10 +300,10 @@ def test_records_survive_an_unwritable_path(
     clock = [0.0]
     store = RecordStore(tmp_path, clock=lambda: clock[0])  # a directory: not writable as a file
     with caplog.at_level(logging.ERROR, "asgi_extraction_shield"):
-        store.add("a", [{"input": 1}])
-        store.add("a", [{"input": 2}])
+        store.add("a", [(b"1", {"input": 1})])
+        store.add("a", [(b"2", {"input": 2})])
         clock[0] = 61.0
-        store.add("a", [{"input": 3}])
+        store.add("a", [(b"3", {"input": 3})])
     assert store.write_errors == 3 and len(store.records("a")) == 3
     logged = [json.loads(r.getMessage()) for r in caplog.records]
     assert [e["kind"] for e in logged] == ["storage_error", "storage_error"]  # once a minute
@@ -358,3 +398,21 @@ async def test_shielded_api_is_marked_and_verifiable(tmp_path: Path) -> None:
     ):
         result = verify(scheme, api, key=SECRET, **extra)  # type: ignore[arg-type]
         assert result.verdict and result.p_value < 1e-6, result
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60)
+@given(inputs=st.lists(JSON, min_size=1, max_size=6), answers=st.lists(JSON, max_size=6))
+def test_verify_never_crashes_on_hostile_suspects(inputs: list[Any], answers: list[Any]) -> None:
+    records = [{"input": item} for item in inputs]
+    for scheme in ("drw:nulls=10", "dawn:rate=0.5"):
+        result = verify(scheme, lambda _: answers, key=SECRET, records=records)
+        assert 0.0 <= result.p_value <= 1.0

@@ -14,11 +14,16 @@ generalises (its correctly answered neighbours outvote it); a region answered al
 learned like any other part of the decision function. Inputs that are neither numeric
 rows nor texts are marked one by one (their canonical bytes are the region).
 
-Verification asks the suspect the recorded queries, takes in each marked region the
-suspect's majority label, and counts the regions where it is ``c``. For a model that
-never saw the marks, ``c`` is a uniform class independent of its answers, so each region
-agrees with probability exactly 1/K whatever the suspect's own label distribution: the
-count is Binomial(regions, 1/K), and the p-value its upper tail.
+Verification asks the suspect the recorded queries and scores, in each marked region, the
+region's keyed label ``c``: by the number of the suspect's answers that are ``c`` (label
+answers), or by the rank of ``c`` among the classes by the suspect's mean probability
+there (probability answers: a soft copy may move ``c`` up without making it the top).
+For a model that never saw the marks, each region's ``c`` is a uniform class independent
+of its answers, so given the suspect's answers the sum of scores has a known null
+distribution: a sum over regions of "the score of a uniformly chosen class", whose tail
+:func:`~.stats.keyed_choice_sf` computes exactly by convolution, whatever the suspect's
+own label distribution. Answers are never treated as independent: all answers of a
+region share one keyed label.
 
 Cost to legitimate users: a fraction ``rate`` of regions, so about ``rate`` of answers
 (``rate·(1 − 1/K)`` change: a marked region's label is the true one 1/K of the time),
@@ -41,7 +46,7 @@ from ..postprocess.keyed import row_seeds
 from .base import VerifyResult, Watermark
 from .projection import answered, cells, directions
 from .records import RecordStore
-from .stats import binomial_sf
+from .stats import keyed_choice_sf
 
 if TYPE_CHECKING:
     from ..settings import ShieldSettings
@@ -127,12 +132,15 @@ class DAWN(Watermark):
         self.store.add(
             ctx.identity,
             (
-                {
-                    "input": request.inputs[i],
-                    "label": int(labels[i]),
-                    "identity": ctx.identity,
-                    "time": now,
-                }
+                (
+                    request.keys[i],
+                    {
+                        "input": request.inputs[i],
+                        "label": int(labels[i]),
+                        "identity": ctx.identity,
+                        "time": now,
+                    },
+                )
                 for i in rows.tolist()
             ),
         )
@@ -159,36 +167,63 @@ class DAWN(Watermark):
     def test(
         self, key: bytes, inputs: Sequence[Any], outputs: Sequence[Outputs], alpha: float
     ) -> VerifyResult:
-        found = answered(inputs, outputs, _top_label)
         n_classes = self.classes or _classes_of(outputs)
-        if found is None or n_classes < 2:
-            return VerifyResult.decide(self.name, 0.0, 1.0, 0, alpha, reason="no labels")
-        index, _, answers = found
-        items = [inputs[i] for i in index]
-        regions = self.regions(key, items)
+        found = _answer_rows(inputs, outputs, n_classes) if n_classes >= 2 else None
+        if found is None:
+            return VerifyResult.decide(self.name, 0.0, 1.0, 0, alpha, reason="no answers")
+        index, rows, kind = found
+        regions = self.regions(key, [inputs[i] for i in index])
         marked, labels = self.marks(key, regions, n_classes)
-        votes: dict[bytes, Counter[int]] = {}
+        sums: dict[bytes, NDArray[np.float64]] = {}
         keyed: dict[bytes, int] = {}
-        for region, is_marked, label, answer in zip(
-            regions, marked.tolist(), labels.tolist(), answers.tolist(), strict=True
-        ):
-            if is_marked:
-                votes.setdefault(region, Counter())[int(answer)] += 1
-                keyed[region] = label
-        agree = sum(int(_majority(counts) == keyed[region]) for region, counts in votes.items())
-        chance = 1.0 / n_classes
-        p_value = binomial_sf(agree, len(votes), chance)
+        for j in np.flatnonzero(marked).tolist():
+            region = regions[j]
+            sums[region] = sums.get(region, 0.0) + rows[j]
+            keyed[region] = int(labels[j])
+        # Each region's score of each class: its answers' votes, or the rank of the class by
+        # the region's mean probability. Any table works: the null draws the keyed class.
+        tables = [
+            (_ranks(total) if kind == "probabilities" else np.rint(total)).astype(np.int64)
+            for total in sums.values()
+        ]
+        statistic = sum(int(table[keyed[r]]) for r, table in zip(sums, tables, strict=True))
+        agreeing = sum(int(np.argmax(total) == keyed[r]) for r, total in sums.items())
         return VerifyResult.decide(
             self.name,
-            agree,
-            p_value,
-            sum(sum(c.values()) for c in votes.values()),
+            statistic,
+            keyed_choice_sf(statistic, [table.tolist() for table in tables]),
+            int(marked.sum()),
             alpha,
-            regions=len(votes),
-            agreeing=agree,
-            chance=chance,
+            regions=len(sums),
+            regions_agreeing=agreeing,
+            score="rank of the keyed class" if kind == "probabilities" else "agreeing answers",
             classes=n_classes,
         )
+
+
+def _answer_rows(
+    inputs: Sequence[Any], outputs: Sequence[Outputs], n_classes: int
+) -> tuple[list[int], NDArray[np.float64], str] | None:
+    """The probes answered with a probability row of ``n_classes``, else with a label (as
+    one-hot rows; a label outside the classes is a zero row)."""
+    found = answered(inputs, outputs, lambda out: out.probabilities)
+    if found is not None and found[2].ndim == 2 and found[2].shape[1] == n_classes:
+        rows = np.nan_to_num(found[2].astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        return found[0], rows, "probabilities"
+    found = answered(inputs, outputs, _top_label)
+    if found is None or found[2].ndim != 1:
+        return None
+    labels = found[2].astype(np.int64)
+    one_hot = np.zeros((len(labels), n_classes))
+    valid = (labels >= 0) & (labels < n_classes)
+    one_hot[np.flatnonzero(valid), labels[valid]] = 1.0
+    return found[0], one_hot, "labels"
+
+
+def _ranks(values: NDArray[np.float64]) -> NDArray[np.int64]:
+    """For each class, the number of classes with a strictly smaller value."""
+    ranks: NDArray[np.int64] = (values[None, :] < values[:, None]).sum(axis=1)
+    return ranks
 
 
 def _top_label(out: Outputs) -> NDArray[np.int64] | None:
@@ -213,9 +248,3 @@ def _classes_of(outputs: Sequence[Outputs]) -> int:
         int(out.labels.max()) for out in outputs if out.labels is not None and out.labels.size
     ]
     return max(labels, default=0) + 1
-
-
-def _majority(counts: Counter[int]) -> int:
-    """The most common label (ties: the smallest, a rule blind to the key)."""
-    best = max(counts.values())
-    return min(label for label, n in counts.items() if n == best)

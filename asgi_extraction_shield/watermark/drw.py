@@ -130,8 +130,13 @@ class DRW(Watermark):
         _, x, p = usable
         p = p.astype(np.float64)
 
+        # The null keeps the target class and draws the phase from random keys: given the
+        # target (a function of the key), a model that never saw the key is as likely to
+        # follow any keyed phase as ours, and the class's own structure stays the same.
+        target = keyed_index(key, "target", p.shape[1])
+
         def of_key(k: bytes) -> float:
-            return statistic(phase(x, k), p, keyed_index(k, "target", p.shape[1]), self.k)
+            return statistic(phase(x, k), p, target, self.k)
 
         observed = of_key(key)
         p_value, details = calibrated_tail(observed, key, of_key, self.nulls)

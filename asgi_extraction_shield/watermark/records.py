@@ -1,7 +1,8 @@
 """Where record-keeping watermarks keep the queries they marked.
 
-In memory, per identity, bounded (the most recent ``per_identity`` records of at most
-``max_identities`` identities, least recently marked forgotten first); and, when a path
+In memory, per identity, bounded (the most recent ``per_identity`` distinct queries of at
+most ``max_identities`` identities, least recently marked forgotten first; a query marked
+again is not recorded twice); and, when a path
 is set (``WATERMARK_RECORDS_PATH``), appended to a JSONL file, one object per line with
 at least ``input`` (the query as the API took it), which ``extraction-shield verify
 --records`` reads. A file that cannot be written never fails a request: the error is
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -41,27 +42,33 @@ class RecordStore:
         self.write_errors = 0
         self._clock = clock
         self._last_error_log = -float("inf")
-        self._by_identity: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self._by_identity: OrderedDict[str, OrderedDict[bytes, dict[str, Any]]] = OrderedDict()
 
-    def add(self, identity: str, records: Iterable[dict[str, Any]]) -> None:
-        batch = list(records)
-        if not batch:
-            return
+    def add(self, identity: str, records: Iterable[tuple[bytes, dict[str, Any]]]) -> None:
+        """Record ``(canonical key, record)`` pairs; a key already held is only refreshed."""
         kept = self._by_identity.pop(identity, None)
         if kept is None:
-            kept = deque(maxlen=self.per_identity)
+            kept = OrderedDict()
             while len(self._by_identity) >= self.max_identities:
                 self._by_identity.popitem(last=False)
-        kept.extend(batch)
+        new: list[dict[str, Any]] = []
+        for key, record in records:
+            if key in kept:
+                kept.move_to_end(key)
+                continue
+            kept[key] = record
+            new.append(record)
+            if len(kept) > self.per_identity:
+                kept.popitem(last=False)
         self._by_identity[identity] = kept
-        if self.path is not None:
-            self._append(batch)
+        if new and self.path is not None:
+            self._append(new)
 
     def records(self, identity: str | None = None) -> list[dict[str, Any]]:
         """The records in memory, of one identity (its hashed key) or of all."""
         if identity is not None:
-            return list(self._by_identity.get(identity, ()))
-        return [r for kept in self._by_identity.values() for r in kept]
+            return list(self._by_identity.get(identity, {}).values())
+        return [r for kept in self._by_identity.values() for r in kept.values()]
 
     def identities(self) -> list[str]:
         return list(self._by_identity)

@@ -31,6 +31,28 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
+def keyed_choice_sf(observed: int, counts: list[list[int]]) -> float:
+    """``P(T >= observed)`` for ``T = Σ_j counts[j][c_j]`` with each ``c_j`` uniform over
+    the ``K`` entries of ``counts[j]``, independently: the exact conditional null of a
+    count of answers agreeing with keyed uniform labels, given the answers. Computed by
+    convolution over the integer totals (exact, no sampling)."""
+    total = sum(max(row) for row in counts)
+    if observed <= 0:
+        return 1.0
+    if observed > total:
+        return 0.0
+    dist = np.zeros(total + 1)
+    dist[0] = 1.0
+    reach = 0
+    for row in counts:
+        step = np.zeros(total + 1)
+        for value in row:
+            step[value : reach + value + 1] += dist[: reach + 1]
+        dist = step / len(row)
+        reach += max(row)
+    return float(min(1.0, dist[observed:].sum()))
+
+
 def lomb_scargle(t: Vector, y: Vector, omegas: Vector) -> Vector:
     """The classical Lomb–Scargle periodogram (Lomb 1976; Scargle 1982) of samples ``y``
     taken at times ``t``, at angular frequencies ``omegas``:
