@@ -67,8 +67,8 @@ class DAWN(Watermark):
     def __init__(
         self,
         rate: float = 0.005,
-        dims: int = 4,
-        width: float = 0.5,
+        dims: int = 3,
+        width: float = 0.4,
         classes: int = 0,
         keep: int = 1_000,
     ) -> None:

@@ -3,7 +3,7 @@
 The digits victim is served behind ``ExtractionShield`` with ``WATERMARK=drw,dawn:…``
 (monitor and limits out of the way: this measures the marks, not the detection). A
 Knockoff-style thief (the attacker's pool of real digits, then augmented copies) asks up
-to the largest budget, and substitutes are trained on the first 1,000 / 5,000 / 20,000
+to the largest budget, and substitutes are trained on the first 1,000 / 2,000 / 5,000 / 20,000
 answers it got:
 
 - ``soft``: an MLP regressor on the probability rows (the lab's soft-label thief),
@@ -61,7 +61,7 @@ SIGNIFICANCE = 1e-3
 @dataclass(frozen=True)
 class WatermarkConfig:
     name: str
-    budgets: tuple[int, ...] = (1_000, 5_000, 20_000)
+    budgets: tuple[int, ...] = (1_000, 2_000, 5_000, 20_000)
     watermark: str = "drw:k=4,dawn:rate=0.02"
     independent: int = 20
     drw_probes: int = 2_000
