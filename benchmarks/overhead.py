@@ -5,7 +5,8 @@ endpoint answering a KServe v1 request (64 features) with 10-class probabilities
 same app behind slowapi (its pure-ASGI middleware, with a limit high enough never to
 trigger), behind the shield with the limiter only (``FORMAT=none``), and behind the
 shield parsing the payload and rounding (``round:3``) or perturbing (``FULL_CHAIN``) the
-outputs, and on its full path with the query monitor on as well (the defaults). Rounds are
+outputs, and on its full path with the query monitor on as well (the defaults). Requests
+cycle through 1,009 distinct queries from one client. Rounds are
 interleaved so that machine noise hits every variant alike; each figure is the
 median over rounds of the mean µs per request in that round. Overheads are
 differences from the bare app; the verdict is the ratio of overheads, which is what
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from slowapi import Limiter as SlowLimiter
@@ -37,7 +39,12 @@ from starlette.types import ASGIApp, Message
 
 from asgi_extraction_shield import ExtractionShield
 
-BODY = json.dumps({"instances": [[round(0.01 * i, 2) for i in range(64)]]}).encode()
+# Distinct queries, as a client's are: the monitor treats a query asked again as cheaper.
+BODIES = [
+    json.dumps({"instances": [[round(0.01 * ((i * 7 + j) % 101), 2) for i in range(64)]]}).encode()
+    for j in range(1009)
+]
+_next_body = itertools.cycle(BODIES)
 # A confident answer, as most answers to a benign client are (a low top-1/top-2 margin on
 # every answer is one of the monitor's extraction signals).
 PROBABILITIES = [[0.01, 0.02, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.1, 0.6]]
@@ -87,7 +94,7 @@ def shield_full_app() -> ASGIApp:
     return shield_app(format="auto", perturbation=FULL_CHAIN, monitor={"enabled": True})
 
 
-def scope() -> dict[str, Any]:
+def scope(body: bytes) -> dict[str, Any]:
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -101,7 +108,7 @@ def scope() -> dict[str, Any]:
         "headers": [
             (b"host", b"bench"),
             (b"content-type", b"application/json"),
-            (b"content-length", str(len(BODY)).encode()),
+            (b"content-length", str(len(body)).encode()),
             (b"x-api-key", b"client-0001"),
         ],
         "client": ("203.0.113.7", 50000),
@@ -109,8 +116,14 @@ def scope() -> dict[str, Any]:
     }
 
 
-async def receive() -> Message:
-    return {"type": "http.request", "body": BODY, "more_body": False}
+def request(body: bytes | None = None) -> tuple[dict[str, Any], Callable[[], Awaitable[Message]]]:
+    """A request's scope and receive callable (by default the next of ``BODIES``)."""
+    body = next(_next_body) if body is None else body
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return scope(body), receive
 
 
 async def run_round(app: ASGIApp, n: int) -> float:
@@ -122,7 +135,7 @@ async def run_round(app: ASGIApp, n: int) -> float:
 
     start = time.perf_counter()
     for _ in range(n):
-        await app(scope(), receive, send)
+        await app(*request(), send)
     elapsed = time.perf_counter() - start
     if set(statuses) != {200}:
         raise RuntimeError(f"unexpected statuses {set(statuses)}")
@@ -136,7 +149,7 @@ async def response_body(app: ASGIApp) -> bytes:
         if message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await app(scope(), receive, send)
+    await app(*request(BODIES[0]), send)
     return b"".join(chunks)
 
 
