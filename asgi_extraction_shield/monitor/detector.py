@@ -110,7 +110,8 @@ class ExtractionMonitor:
         if features is not None:
             own.observe_queries(features, buckets, digests, now)
         risk, signals, scores = self._assess(own)
-        for pool in self.pool_keys(identity, now):
+        own.pools = self.pool_keys(identity, now)
+        for pool in own.pools:
             tracker, members = self._pool(pool, now)
             tracker.observe_request(distribution, request.logit_bias_tokens, now)
             if features is not None:
@@ -140,9 +141,10 @@ class ExtractionMonitor:
         if outputs.probabilities is None:
             return
         tracker = self.identities.get(identity.key)
-        if tracker is not None:
-            tracker.observe_answers(outputs.probabilities)
-        for pool in self.pool_keys(identity, self.clock()):
+        if tracker is None:
+            return
+        tracker.observe_answers(outputs.probabilities)
+        for pool in tracker.pools:  # those of the request that asked (or the latest one)
             entry = self.pools.get(pool)
             if entry is not None:
                 entry[0].observe_answers(outputs.probabilities)

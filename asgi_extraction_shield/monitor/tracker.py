@@ -216,6 +216,7 @@ class Tracker:
         "last_seen",
         "logit_bias_tokens",
         "novelty",
+        "pools",
         "prada_w",
         "queries",
         "requests",
@@ -255,6 +256,8 @@ class Tracker:
         self._pending_answer_rows = 0
         self.assessment: tuple[int, float, dict[str, float], dict[str, float]] | None = None
         """``(requests, risk, signals, scores)`` when last assessed (kept by the monitor)."""
+        self.pools: list[str] = []
+        """The pools the identity's latest request fed (kept by the monitor)."""
 
     # -- observing -------------------------------------------------------------------------
 
