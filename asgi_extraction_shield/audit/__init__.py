@@ -1,0 +1,1 @@
+"""Audit of a running endpoint: what an extraction attacker would get from it."""
