@@ -81,3 +81,31 @@ def fidelity_curve(
         label = predict_with("label", x, p, scaled_eval, seeds[0]) == target_labels
         curve["label"][budget] = float(label.mean())
     return curve
+
+
+def text_fidelity_curve(
+    queries: Sequence[str],
+    labels: Sequence[int | None],
+    budgets: Sequence[int],
+    texts_eval: Sequence[str],
+    target_labels: Labels,
+) -> dict[str, dict[int, float]]:
+    """``{"label": {budget: fidelity}}`` of a label thief on texts: a logistic regression
+    on hashed word unigrams and bigrams (scikit-learn's ``HashingVectorizer``)."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = HashingVectorizer(n_features=2**14, ngram_range=(1, 2), alternate_sign=False)
+    x_eval = vectorizer.transform(list(texts_eval))
+    curve: dict[int, float] = {}
+    for budget in sorted(set(budgets)):
+        kept = [i for i in range(min(budget, len(queries))) if labels[i] is not None]
+        y = np.asarray([labels[i] for i in kept], dtype=np.int64)
+        if len(np.unique(y)) < 2:
+            guess = np.full(len(target_labels), y[0] if len(y) else 0, dtype=np.int64)
+        else:
+            model = LogisticRegression(max_iter=500)
+            model.fit(vectorizer.transform([queries[i] for i in kept]), y)
+            guess = np.asarray(model.predict(x_eval), dtype=np.int64)
+        curve[budget] = float((guess == target_labels).mean())
+    return {"label": curve}
