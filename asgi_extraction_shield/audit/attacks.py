@@ -57,10 +57,10 @@ class Box:
     @classmethod
     def around(cls, pool: Array, margin: float = 0.1) -> Box:
         """The pool's range per feature, widened by ``margin`` of its width on each side
-        (a feature constant in the pool gets a width of 1)."""
+        (a feature constant in the pool gets a width of 1 around its value)."""
         low, high = pool.min(axis=0), pool.max(axis=0)
-        width = np.where(high > low, high - low, 1.0)
-        return cls(low - margin * width, high + margin * width)
+        pad = np.where(high > low, margin * (high - low), 0.5)
+        return cls(low - pad, high + pad)
 
     @property
     def width(self) -> Array:

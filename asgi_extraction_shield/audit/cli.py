@@ -11,7 +11,7 @@ import json
 import re
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -194,24 +194,12 @@ def _config(args: argparse.Namespace) -> AuditConfig:
         raise ConfigurationError(f"--extra {args.extra!r}: not JSON ({exc.msg})") from None
     if not isinstance(extra, dict):
         raise ConfigurationError(f"--extra {args.extra!r}: expected a JSON object")
-    return AuditConfig(
-        target=args.target,
-        format=args.format,
-        samples=args.samples,
-        budget=args.budget,
-        identities=args.identities,
-        time_limit=args.time_limit,
-        attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
-        headers=tuple(args.header or ("X-API-Key: {key}",)),
-        extra=extra,
-        allow_remote=args.allow_remote,
-        holdout=args.holdout,
-        benign=args.benign,
-        benign_users=args.benign_users,
-        canary_every=args.canary_every,
-        timeout=args.timeout,
-        seed=args.seed,
-    )
+    names = {f.name for f in fields(AuditConfig)}
+    given = {name: value for name, value in vars(args).items() if name in names}
+    given["attacks"] = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    given["headers"] = tuple(args.header or ("X-API-Key: {key}",))
+    given["extra"] = extra
+    return AuditConfig(**given)
 
 
 def run_command(args: argparse.Namespace) -> int:

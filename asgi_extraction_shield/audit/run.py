@@ -433,6 +433,22 @@ class _Audit:
     ) -> AuditResult:
         config = self.config
         replay = held + pool[: max(0, config.benign - len(held))]
+        from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
+
+        # One thread for the substitutes' arithmetic: small fits, on a machine the
+        # audited server shares, are slower with a thread pool than without.
+        with threadpool_limits(1):
+            return self._run(pool, held, replay, attacks, rng)
+
+    def _run(
+        self,
+        pool: list[int],
+        held: list[int],
+        replay: list[int],
+        attacks: tuple[str, ...],
+        rng: np.random.Generator,
+    ) -> AuditResult:
+        config = self.config
         self.say(f"benign replay of {len(replay)} samples")
         before, self.reference = self.benign("before", replay)
         if not self.reference:
