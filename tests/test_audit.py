@@ -34,7 +34,7 @@ from .test_example_server import ms
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "model_server.py"
 SECRET = "audit-test-secret-key-0123456789"
 ARGS = ["--format", "kserve_v1", "--budget", "80", "--identities", "3", "--benign", "30"]
-ARGS += ["--attacks", "uniform,knockoff", "--time-limit", "90", "--json"]
+ARGS += ["--time-limit", "90", "--json"]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,9 @@ def shield_off(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_audit_of_the_shielded_server(
     enforced: str, samples: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, summary = _audit(capsys, enforced, samples, "--out", str(tmp_path))
+    code, summary = _audit(
+        capsys, enforced, samples, "--attacks", "uniform", "--out", str(tmp_path)
+    )
     assert code == 0
     for key, kind in {
         "target": str,
@@ -99,7 +101,7 @@ def test_audit_of_the_shielded_server(
     assert summary["answer_kind"] == "probabilities"
     assert summary["samples"] == summary["pool"] + summary["held_out"] == 90
     runs = {(r["attack"], r["split"]): r for r in summary["attacks"]}
-    assert set(runs) == {(a, s) for a in ("uniform", "knockoff") for s in ("single", "sybil")}
+    assert set(runs) == {("uniform", "single"), ("uniform", "sybil")}
     for run in runs.values():
         assert run["sent"] == run["answered"] + run["refused"] + run["failed"]
         assert set(run["fidelity"]) == {"soft", "label"}
@@ -133,7 +135,9 @@ def test_audit_of_the_shielded_server(
 def test_audit_with_the_shield_off_sees_no_reaction(
     shield_off: str, samples: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, summary = _audit(capsys, shield_off, samples, "--fail-if", "unreacted>0")
+    code, summary = _audit(
+        capsys, shield_off, samples, "--attacks", "knockoff", "--fail-if", "unreacted>0"
+    )
     assert code == 1  # the check failed: nothing reacted
     assert summary["shield_reacted"] == 0
     for run in summary["attacks"]:
@@ -316,3 +320,64 @@ def test_headers_and_checks() -> None:
     assert (check.metric, check.op, check.threshold) == ("fidelity", ">=", 0.5)
     assert check.failed(0.5) and not check.failed(0.49)
     assert str(Check.parse("unreacted > 0")) == "unreacted>0"
+
+
+TEXT_WORDS = ("good", "great", "bad", "awful", "the", "film", "was", "very", "plot", "sad")
+
+
+def _texts(path: Path, n: int) -> Path:
+    rng = np.random.default_rng(3)
+    lines = [" ".join(rng.choice(TEXT_WORDS, size=int(rng.integers(3, 7)))) for _ in range(n)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_audit_of_a_text_classifier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    samples = _texts(tmp_path / "texts.jsonl", 60)
+    script = Path(__file__).with_name("hf_server.py")
+    with running(script, tmp_path / "hf.log", {"EXTRACTION_SHIELD_SECRET_KEY": SECRET}) as base:
+        code = main(["audit", "--target", f"{base}/models/sentiment", "--format", "hf",
+                     "--samples", str(samples), "--budget", "60", "--identities", "3",
+                     "--benign", "20", "--json", "--out", str(tmp_path / "report")])  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert summary["answer_kind"] == "probabilities"
+    runs = {(r["attack"], r["split"]) for r in summary["attacks"]}
+    assert runs == {(a, s) for a in ("replay", "augment") for s in ("single", "sybil")}
+    for run in summary["attacks"]:
+        assert set(run["fidelity"]) == {"label"}
+        # A bag-of-words copy of a bag-of-words model: close to the endpoint.
+        assert max(run["fidelity"]["label"].values()) > 0.7
+    assert summary["benign"]["before"]["refused"] == 0
+    assert (tmp_path / "report" / "AUDIT.md").exists()
+
+
+def test_audit_of_an_openai_chat_endpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples = _texts(tmp_path / "prompts.jsonl", 30)
+    script = EXAMPLE.with_name("openai_compatible.py")
+    extra = '{"model": "toy-bigram", "max_tokens": 4, "temperature": 0}'
+    with running(script, tmp_path / "oai.log", {"EXTRACTION_SHIELD_SECRET_KEY": SECRET}) as base:
+        code = main(["audit", "--target", f"{base}/v1/chat/completions", "--format", "openai",
+                     "--samples", str(samples), "--budget", "40", "--identities", "2",
+                     "--benign", "10", "--extra", extra, "--json",
+                     "--out", str(tmp_path / "report")])  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["answer_kind"] == "text"
+    assert summary["benign"]["repeat"]["changed_top1"] == 0  # greedy decoding: same texts
+    assert all(run["fidelity"] is None and run["answered"] == 40 for run in summary["attacks"])
+    assert any("text" in note for note in summary["notes"])
+    assert (tmp_path / "report" / "audit_fidelity.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_time_limit_bounds_the_audit(
+    shield_off: str, samples: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, summary = _audit(
+        capsys, shield_off, samples, "--attacks", "uniform", "--budget", "5000",
+        "--time-limit", "2",
+    )  # fmt: skip
+    assert code == 0 and summary["stopped_by_time_limit"] is True
+    assert summary["seconds"] < 15  # 2 s of requests, then the substitutes of what was sent
+    assert {run["stopped"] for run in summary["attacks"]} <= {"time limit"}

@@ -198,7 +198,11 @@ def _fidelity_plot(result: AuditResult, path: Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("agreement with the endpoint (held out)")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    if axes[-1].get_legend_handles_labels()[0]:
+        axes[-1].legend(fontsize=7, loc="lower right")
+    else:
+        for ax in axes:
+            ax.text(0.5, 0.5, "not measured for these answers", ha="center", transform=ax.transAxes)
     figure.savefig(path, dpi=110)
     return path
 
