@@ -381,3 +381,32 @@ def test_the_time_limit_bounds_the_audit(
     assert code == 0 and summary["stopped_by_time_limit"] is True
     assert summary["seconds"] < 15  # 2 s of requests, then the substitutes of what was sent
     assert {run["stopped"] for run in summary["attacks"]} <= {"time limit"}
+
+
+def test_thieves_copy_a_linear_model_and_guess_without_answers() -> None:
+    from asgi_extraction_shield.audit.substitutes import fidelity_curve
+
+    rng = np.random.default_rng(5)
+    weights = rng.normal(size=(6, 3))
+    x = rng.uniform(-1, 1, (300, 6))
+    logits = x @ weights
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    x_eval = rng.uniform(-1, 1, (200, 6))
+    target = (x_eval @ weights).argmax(axis=1)
+    answers: list[np.ndarray | None] = list(p)
+    answers[:50] = [None] * 50  # refused: learned nothing from these
+    curve = fidelity_curve(list(x), answers, [50, 300], x_eval, target, [0], lambda v: v)
+    assert curve["label"][300] > 0.9 and curve["soft"][300] > 0.8
+    # The first 50 were refused: no answer, so the thief guesses class 0.
+    assert curve["label"][50] == curve["soft"][50] == float((target == 0).mean())
+
+
+def test_answers_of_open_inference_v2() -> None:
+    wire = Wire("oip_v2", "/v2/models/m/infer")
+    body = wire.body([0.5, 1.5])
+    reply = {"outputs": [{"name": "probs", "shape": [1, 3], "datatype": "FP32",
+                          "data": [0.1, 0.7, 0.2]}]}  # fmt: skip
+    answer = wire.answer(body, json.dumps(reply).encode())
+    assert answer is not None and answer.kind == "probabilities" and answer.top1() == 1
+    sent = json.loads(body)["inputs"][0]
+    assert sent == {"name": "input-0", "shape": [1, 2], "datatype": "FP32", "data": [0.5, 1.5]}

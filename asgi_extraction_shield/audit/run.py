@@ -33,7 +33,7 @@ from ..errors import ConfigurationError
 from .attacks import Array, Box, Campaign, jitter, strategies
 from .client import Client, Reply, parse_headers, resolve_target
 from .samples import Samples, load_samples
-from .substitutes import THIEVES, fidelity_curve, text_fidelity_curve
+from .substitutes import fidelity_curve, text_fidelity_curve
 from .text import TEXT_ATTACKS, text_queries
 from .wire import EMBEDDINGS, LABELS, TEXT, Answer, Wire, one_hot
 
@@ -565,13 +565,3 @@ def _problem_type(body: bytes) -> str | None:
         return None
     value = doc.get("type") if isinstance(doc, dict) else None
     return value if isinstance(value, str) else None
-
-
-__all__ = [
-    "THIEVES",
-    "AttackRun",
-    "AuditConfig",
-    "AuditResult",
-    "BenignPass",
-    "run_audit",
-]
