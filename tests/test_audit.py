@@ -410,3 +410,16 @@ def test_answers_of_open_inference_v2() -> None:
     assert answer is not None and answer.kind == "probabilities" and answer.top1() == 1
     sent = json.loads(body)["inputs"][0]
     assert sent == {"name": "input-0", "shape": [1, 2], "datatype": "FP32", "data": [0.5, 1.5]}
+
+
+def test_a_target_that_does_not_answer_exit_2(
+    samples: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .servers import free_port
+
+    target = f"http://127.0.0.1:{free_port()}/v1/models/blobs:predict"  # nothing listens
+    code = main(["audit", "--target", target, "--samples", str(samples), "--format",
+                 "kserve_v1", "--benign", "10", "--time-limit", "20"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no answer to the benign replay" in err and "27 failed" in err

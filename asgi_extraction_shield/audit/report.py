@@ -94,7 +94,8 @@ def markdown(result: AuditResult, command: str) -> str:
     lines.append(
         "Fidelity: top-1 agreement of a substitute trained on the answers a run received "
         "with the reference answers on the held-out samples (the `soft` thief regresses "
-        "the answer rows, the `label` thief learns the top-1 only)."
+        "the answer rows, the `label` thief learns the top-1 only). A run stopped after "
+        "100 refusals in a row keeps its last fidelity for the rest of its budget."
     )
     lines += [
         "",
