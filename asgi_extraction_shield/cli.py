@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .audit.cli import add_parser as add_audit_parser
 from .errors import ConfigurationError
 from .keys import generate_secret
 from .settings import ShieldSettings
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("keygen", help="print a new random EXTRACTION_SHIELD_SECRET_KEY")
     keygen.add_argument("--json", action="store_true", help="machine-readable output")
     keygen.set_defaults(run=_keygen)
+    add_audit_parser(commands)
     return parser
 
 

@@ -25,11 +25,11 @@ import numpy as np
 import orjson
 
 from asgi_extraction_shield import ExtractionShield, Identity, ShieldEvent, ShieldSettings
+from asgi_extraction_shield.audit.attacks import Campaign
 from asgi_extraction_shield.formats.base import ParsedRequest
 from asgi_extraction_shield.monitor import Assessment, ExtractionMonitor, SignalRule, risk_of
 from asgi_extraction_shield.policy import LEVELS
 
-from .attacks import Strategy
 from .benign import BenignPlan
 from .config import SECRET_KEY
 from .victim import PREDICT_PATH, Array, Labels, Victim, make_app
@@ -109,38 +109,6 @@ class Trace:
 
     def count(self, outcome: Outcome) -> int:
         return self.outcome.count(outcome)
-
-
-@dataclass
-class Campaign:
-    """One attack, driven from one identity or many; its log is what the thief learned."""
-
-    strategy: Strategy
-    budget: int
-    queries: list[Array] = field(default_factory=list)
-    answers: list[Array | None] = field(default_factory=list)
-    done: bool = False
-    _pending: Array | None = None
-
-    def next_query(self) -> Array | None:
-        if self.done or len(self.queries) >= self.budget:
-            return None
-        if self._pending is None:
-            try:
-                self._pending = next(self.strategy)
-            except StopIteration:
-                self.done = True
-                return None
-        return self._pending
-
-    def deliver(self, answer: Array | None) -> None:
-        assert self._pending is not None
-        self.queries.append(self._pending)
-        self.answers.append(answer)
-        try:
-            self._pending = self.strategy.send(answer)
-        except StopIteration:
-            self.done, self._pending = True, None
 
 
 @dataclass
