@@ -11,13 +11,11 @@ import asyncio
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 import pytest
@@ -34,41 +32,6 @@ from .redis_server import RedisServer, free_port
 
 TIMEOUT = 0.1  # REDIS_TIMEOUT in the failure tests
 BOUND = 1.0  # no request may take longer than this while Redis fails
-
-
-def _missing(what: str) -> NoReturn:
-    message = f"{what}; the Redis storage tests need it"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message} (CI is set, so this is a failure, not a skip)")
-    pytest.skip(message)
-
-
-@pytest.fixture
-def redis_py() -> None:
-    """redis-py, the ``redis`` extra (part of the ``test`` extra)."""
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        _missing("the redis package is not installed (pip install 'asgi-extraction-shield[redis]')")
-
-
-@pytest.fixture
-def redis_server(redis_py: None) -> Iterator[RedisServer]:
-    """A fresh redis-server for this test only."""
-    if shutil.which("redis-server") is None:
-        _missing("redis-server is not on PATH (apt-get install redis-server)")
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Any]:
-    """A plain redis-py client, to look at what the storage wrote."""
-    import redis.asyncio
-
-    client_ = redis.asyncio.Redis.from_url(redis_server.url)
-    yield client_
-    await client_.aclose()
 
 
 async def _server_time(raw: Any) -> float:

@@ -150,6 +150,7 @@ class Tracker:
         "_since_test",
         "assessment",
         "config",
+        "cursor",
         "first_seen",
         "last_seen",
         "logit_bias_tokens",
@@ -187,6 +188,9 @@ class Tracker:
         self.scale = 0.0  # running typical distance between queries
         self.assessment: tuple[int, float, dict[str, float], dict[str, float]] | None = None
         """``(requests, risk, signals, scores)`` when last assessed (kept by the monitor)."""
+        self.cursor: bytes | None = None
+        """How far this tracker has read the observations other processes shared (their
+        log's last entry id read), ``None`` before the first read."""
 
     # -- observing -------------------------------------------------------------------------
 
@@ -246,11 +250,16 @@ class Tracker:
         """Answers' probability rows: margins, and which class each answer's top-1 is."""
         if probabilities.shape[1] < 2:
             return
-        top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
-        for low in (np.abs(top2[:, 1] - top2[:, 0]) < self.config.low_margin).tolist():
+        self.observe_answer_summary(*answer_summary(probabilities))
+
+    def observe_answer_summary(
+        self, margins: NDArray[Any], labels: NDArray[Any], width: int
+    ) -> None:
+        """Answers as :func:`answer_summary` gives them (what another process shares)."""
+        for low in (margins < self.config.low_margin).tolist():
             self._margins.push(bool(low))
-        self._classes_seen = max(self._classes_seen, probabilities.shape[1])
-        for label in np.argmax(probabilities, axis=1).tolist():
+        self._classes_seen = max(self._classes_seen, width)
+        for label in labels.tolist():
             self._classes.push(label)
         self._class_entropy = None
 
@@ -326,6 +335,14 @@ class Tracker:
             "distribution_requests": self._flags.share,
             "logit_bias_tokens": float(len(self.logit_bias_tokens)),
         }
+
+
+def answer_summary(probabilities: Matrix) -> tuple[NDArray[Any], NDArray[Any], int]:
+    """``(top-1 minus top-2 margins, top-1 classes, classes)`` of probability rows."""
+    top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
+    margins = np.abs(top2[:, 1] - top2[:, 0])
+    labels = np.argmax(probabilities, axis=1).astype(np.int32)
+    return margins, labels, int(probabilities.shape[1])
 
 
 def _prada_statistic(distances: Matrix) -> float:
