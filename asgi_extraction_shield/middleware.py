@@ -146,6 +146,12 @@ class ExtractionShield:
         # Fast path: with neither monitor nor policy, only the limiter runs.
         self._graded = not isinstance(self.monitor, NullMonitor) or risk_policy is not None
         self.identities.with_network = self._graded  # only the monitor's pools use it
+        policy = self.policy
+        self._charge = (
+            policy.admit
+            if self._graded and isinstance(policy, RedisPolicy) and policy.storage is self.storage
+            else None
+        )
         self.events = EventEmitter(on_event)
         self.internal_errors = 0
 
@@ -268,7 +274,11 @@ class ExtractionShield:
         ):
             detail = request.refusal or f"The request body could not be parsed: {request.problem}."
             return _Refusal(400, "about:blank", "Bad Request", detail)
-        action = await self.policy.current(identity) if self._graded else NORMAL
+        charged: Decision | None = None
+        if self._charge is not None:  # policy and limiter on one Redis: one round-trip
+            action, charged = await self._charge(identity, request.cost, self.limiter, self.enforce)
+        else:
+            action = await self.policy.current(identity) if self._graded else NORMAL
         if action.block_seconds > 0 and self.enforce:
             # Blocked already (the ``blocked`` event went out when the block began).
             return self._abnormal_refusal(action)
@@ -277,7 +287,9 @@ class ExtractionShield:
             if action.cost_multiplier == 1.0
             else math.ceil(request.cost * action.cost_multiplier)
         )
-        decision = await self.limiter.acquire(identity.key, cost)
+        decision = (
+            charged if charged is not None else await self.limiter.acquire(identity.key, cost)
+        )
         if decision.degraded or action.degraded:  # shared state unreachable: decided here
             await self._emit("storage_error", identity, action, path, fallback="memory")
         if not decision.allowed:

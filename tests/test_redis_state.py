@@ -15,6 +15,7 @@ import pytest
 from asgi_extraction_shield import ShieldEvent
 from asgi_extraction_shield.errors import StorageError
 from asgi_extraction_shield.identity import Identity
+from asgi_extraction_shield.limiter import Limiter, Rate
 from asgi_extraction_shield.monitor import Assessment
 from asgi_extraction_shield.monitor.observation import Answers, Observation, pack, unpack
 from asgi_extraction_shield.policy import GradedPolicy, Thresholds
@@ -257,4 +258,34 @@ async def test_redis_down_policy_falls_back_or_fails_within_the_timeout(
     assert not back.degraded
     # A stopped Redis forgot the throttle; a hung one kept it.
     assert back.level == ("normal" if outage == "stopped" else "throttle")
+    await storage.close()
+
+
+async def test_admit_is_current_and_the_charge_in_one_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    storage = RedisStorage(redis_server.url)
+    policy = RedisPolicy(storage, block_seconds=60.0)
+    limiter = Limiter(storage, Rate.parse("10/hour"), burst=10)
+
+    async def admit(enforce: bool = True) -> tuple[Any, Any]:
+        before = storage.round_trips
+        result = await policy.admit(WHO, 1, limiter, enforce)
+        assert storage.round_trips == before + 1
+        return result
+
+    action, decision = await admit()
+    assert action.level == "normal" and decision.remaining == 9
+    # Nothing to remember of a low risk right after a stateless `current`: no round-trip.
+    before = storage.round_trips
+    assert (await policy.update(WHO, Assessment(0.1))).level == "normal"
+    assert storage.round_trips == before
+    await policy.update(WHO, Assessment(0.75))
+    action, decision = await admit()
+    assert action.level == "throttle" and decision.remaining == 9 - 4  # cost x 4
+    await policy.update(WHO, Assessment(0.95))
+    action, decision = await admit()  # blocked: refused, nothing charged ...
+    assert action.level == "block" and action.block_seconds > 59 and decision is None
+    action, decision = await admit(enforce=False)  # ... unless only shadowed
+    assert action.level == "block" and decision.remaining == 5 - 4
     await storage.close()

@@ -62,47 +62,56 @@ _T = TypeVar("_T")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 """Key prefixes: no braces (they would end the hash tag), no spaces, at most 64 characters."""
 
-GCRA_SCRIPT = """
+GCRA_FUNCTION = """
 -- One GCRA step (asgi_extraction_shield.limiter.gcra) on the server's clock, in us.
--- KEYS[1]: the identity's TAT; ARGV: cost, emission interval (us), burst.
+-- key: the identity's TAT; cost, emission interval (us), burst.
 -- Returns 'allowed remaining reset_after_us retry_after_us over_capacity', one string.
-if redis.replicate_commands then redis.replicate_commands() end -- TIME before a write, Redis < 5
-local cost = tonumber(ARGV[1])
-local interval = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local base = now
-local stored = redis.call('GET', KEYS[1])
-if stored then
-  local tat = tonumber(stored)
-  if tat > now then base = tat end
+local function gcra(key, cost, interval, burst)
+  if redis.replicate_commands then redis.replicate_commands() end -- TIME, then a write
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+  local base = now
+  local stored = redis.call('GET', key)
+  if stored then
+    local tat = tonumber(stored)
+    if tat > now then base = tat end
+  end
+  local capacity = burst * interval
+  local function tokens(x) -- Python's int(x + 1e-9): truncates toward zero
+    x = x + 1e-9
+    if x < 0 then return math.ceil(x) end
+    return math.floor(x)
+  end
+  local function reply(allowed, remaining, reset_after, retry_after, over)
+    return string.format('%d %d %.17g %.17g %d', allowed, remaining, reset_after, retry_after,
+      over)
+  end
+  if cost > burst then
+    return reply(0, tokens((capacity - (base - now)) / interval), base - now, capacity, 1)
+  end
+  local new_tat = base + cost * interval
+  local allow_at = new_tat - capacity
+  if allow_at > now + 0.001 then -- 1e-9 s of slack, as in gcra
+    local remaining = math.max(0, tokens((capacity - (base - now)) / interval))
+    return reply(0, remaining, base - now, allow_at - now, 0)
+  end
+  if cost > 0 then
+    -- Expire when the bucket is full again: a missing key is a full bucket.
+    local ttl = string.format('%d', math.ceil((new_tat - now) / 1000))
+    redis.call('SET', key, string.format('%.17g', new_tat), 'PX', ttl)
+  end
+  return reply(1, math.max(0, tokens((capacity - (new_tat - now)) / interval)), new_tat - now,
+    0, 0)
 end
-local capacity = burst * interval
-local function tokens(x) -- Python's int(x + 1e-9): truncates toward zero
-  x = x + 1e-9
-  if x < 0 then return math.ceil(x) end
-  return math.floor(x)
-end
-local function reply(allowed, remaining, reset_after, retry_after, over)
-  return string.format('%d %d %.17g %.17g %d', allowed, remaining, reset_after, retry_after, over)
-end
-if cost > burst then
-  return reply(0, tokens((capacity - (base - now)) / interval), base - now, capacity, 1)
-end
-local new_tat = base + cost * interval
-local allow_at = new_tat - capacity
-if allow_at > now + 0.001 then -- 1e-9 s of slack, as in gcra
-  local remaining = math.max(0, tokens((capacity - (base - now)) / interval))
-  return reply(0, remaining, base - now, allow_at - now, 0)
-end
-if cost > 0 then
-  -- Expire when the bucket is full again: a missing key is a full bucket.
-  local ttl = string.format('%d', math.ceil((new_tat - now) / 1000))
-  redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', ttl)
-end
-return reply(1, math.max(0, tokens((capacity - (new_tat - now)) / interval)), new_tat - now, 0, 0)
 """
+
+GCRA_SCRIPT = (
+    GCRA_FUNCTION
+    + """
+-- KEYS[1]: the identity's TAT; ARGV: cost, emission interval (us), burst.
+return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,19 @@ if sys.version_info >= (3, 11):
 
 else:  # pragma: no cover - Python 3.10
     _within = asyncio.wait_for
+
+
+def decision_of(reply: bytes, burst: int) -> Decision:
+    """The :class:`Decision` of a GCRA script's reply."""
+    allowed, remaining, reset_us, retry_us, over = reply.split()
+    return Decision(
+        int(allowed) == 1,
+        burst,
+        int(remaining),
+        float(reset_us) / 1e6,
+        float(retry_us) / 1e6,
+        over_capacity=int(over) == 1,
+    )
 
 
 def redact(url: str) -> str:
@@ -232,6 +254,13 @@ class RedisStorage(Storage):
         """The redis-py client (its pool is closed by :meth:`close`)."""
         return self._client
 
+    @property
+    def failing(self) -> bool:
+        """True after a failed call, until a call succeeds: the policy's update and the
+        monitor's exchange then leave Redis to the limiter's calls, which probe it, so a
+        request waits on a failing Redis once at the most."""
+        return self.breaker.failures > 0
+
     def key(self, identity: str) -> str:
         """The Redis key of ``identity``'s TAT, hash-tagged for Redis Cluster."""
         return f"{{{self.prefix}:{identity}}}:tat"
@@ -248,15 +277,7 @@ class RedisStorage(Storage):
                 raise
             decision = await self.fallback.acquire(key, cost, interval, burst, now)
             return replace(decision, degraded=True)
-        allowed, remaining, reset_us, retry_us, over = reply.split()
-        return Decision(
-            int(allowed) == 1,
-            burst,
-            int(remaining),
-            float(reset_us) / 1e6,
-            float(retry_us) / 1e6,
-            over_capacity=int(over) == 1,
-        )
+        return decision_of(reply, burst)
 
     async def guarded(self, make: Callable[[], Awaitable[_T]]) -> _T:
         """``await make()`` within the timeout and through the circuit breaker.

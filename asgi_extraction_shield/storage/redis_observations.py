@@ -102,6 +102,8 @@ class RedisObservations:
     async def exchange(
         self, trackers: dict[str, Tracker]
     ) -> dict[str, list[Observation | Answers]]:
+        if self.storage.failing:
+            return {}  # the entries stay queued; a request waits on Redis one timeout at most
         calls = []
         sent: dict[str, list[bytes]] = {}
         for key, tracker in trackers.items():

@@ -32,15 +32,18 @@ the action is marked ``degraded``; without a fallback the
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from typing import Any
 
+from cachetools import LRUCache
+
 from ..errors import StorageError
 from ..identity import Identity
-from ..limiter import Clock
+from ..limiter import Clock, Decision, Limiter
 from ..monitor.base import Assessment
 from ..policy import LEVELS, NORMAL, Action, GradedPolicy, PolicyState, Thresholds
-from .redis import RedisStorage, Script
+from .redis import GCRA_FUNCTION, RedisStorage, Script, decision_of
 
 _PRELUDE = """
 -- KEYS[1]: the identity's policy hash. ARGV[1]: now in seconds, or '' for the server's
@@ -89,21 +92,40 @@ local function reply(level, blocked_until, risk, assessed, previous, signals)
 end
 """
 
-CURRENT = Script(
-    _PRELUDE
-    + """
+_CURRENT = """
 -- GradedPolicy.current: a finished block, or a decayed risk, steps the level down.
-local s = redis.call('HMGET', KEYS[1], 'r', 'l', 'u', 'b', 'a', 's')
-if not s[1] then return '' end
-local risk, level, updated = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
-local blocked_until = tonumber(s[4])
-if blocked_until <= now and level ~= 0 then
-  risk = decayed(risk, updated)
-  level = level_of(risk, level)
-  if level == 4 then level = 3 end -- a finished block steps down, it does not renew itself
-  save(risk, level, now, blocked_until)
+-- Returns the reply ('' without a state), the level and when the block ends.
+local function current()
+  local s = redis.call('HMGET', KEYS[1], 'r', 'l', 'u', 'b', 'a', 's')
+  if not s[1] then return '', 0, 0 end
+  local risk, level, updated = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
+  local blocked_until = tonumber(s[4])
+  if blocked_until <= now and level ~= 0 then
+    risk = decayed(risk, updated)
+    level = level_of(risk, level)
+    if level == 4 then level = 3 end -- a finished block steps down, it does not renew itself
+    save(risk, level, now, blocked_until)
+  end
+  return reply(level, blocked_until, risk, s[5] or '0', level, s[6]), level, blocked_until
 end
-return reply(level, blocked_until, risk, s[5] or '0', level, s[6])
+"""
+
+CURRENT = Script(_PRELUDE + _CURRENT + "return (current())")
+
+ADMIT = Script(
+    _PRELUDE
+    + _CURRENT
+    + GCRA_FUNCTION
+    + """
+-- The policy's current action, then (unless it blocks) the limiter charged with the cost
+-- the action asks for, in one round-trip. KEYS[2]: the identity's TAT. ARGV[9]: the
+-- throttle multiplier; ARGV[10..12]: cost, emission interval (us), burst; ARGV[13]: '1'
+-- when a block refuses the request (MODE=enforce). Returns {policy reply, GCRA reply}.
+local policy, level, blocked_until = current()
+if blocked_until > now and ARGV[13] == '1' then return {policy, ''} end
+local cost = tonumber(ARGV[10])
+if level >= 3 then cost = math.ceil(cost * tonumber(ARGV[9])) end
+return {policy, gcra(KEYS[2], cost, tonumber(ARGV[11]), tonumber(ARGV[12]))}
 """
 )
 
@@ -181,6 +203,8 @@ class RedisPolicy:
         self.max_ttl = max(max_ttl, block_seconds)
         self.clock = clock
         self.fallback = fallback
+        self._stateless: LRUCache[str, bool] = LRUCache(65_536)
+        """Identities whose last ``current`` found no state (their low risks need no write)."""
         self._argv = (
             *(thresholds.watch, thresholds.degrade, thresholds.throttle, thresholds.block),
             thresholds.hysteresis,
@@ -214,15 +238,60 @@ class RedisPolicy:
             reply = await self.storage.call(
                 CURRENT, (self.key(identity.key),), (self._now(), *self._argv)
             )
+            self._remember(identity.key, reply)
         except StorageError:
             if self.fallback is None:
                 raise
             action = await self.fallback.current(identity)
             return replace(action, degraded=True)
+        return self._parse(reply)
+
+    def _remember(self, key: str, reply: bytes) -> None:
+        if reply:
+            self._stateless.pop(key, None)
+        else:
+            self._stateless[key] = True
+
+    def _parse(self, reply: bytes) -> Action:
         if not reply:
             return NORMAL
         head, _, signals = reply.partition(b"\n")
         return self._action(head.decode(), None, signals)
+
+    async def admit(
+        self, identity: Identity, cost: int, limiter: Limiter, enforce: bool
+    ) -> tuple[Action, Decision | None]:
+        """``current`` and the limiter's charge (of the cost the action asks for) in one
+        round-trip, when the limiter's storage is this policy's; no decision when a
+        block refuses the request (``enforce``)."""
+        interval, burst = limiter.rate.interval, limiter.burst
+        keys = (self.key(identity.key), self.storage.key(identity.key))
+        argv = (
+            self._now(),
+            *self._argv,
+            self.throttle_multiplier,
+            cost,
+            interval * 1e6,
+            burst,
+            "1" if enforce else "0",
+        )
+        try:
+            policy, charged = await self.storage.call(ADMIT, keys, argv)
+        except StorageError:
+            # Both parts decided in this process (FAILURE_MODE=open), without asking Redis
+            # again: a request waits on Redis one timeout at the most.
+            memory = self.storage.fallback
+            if self.fallback is None or memory is None:
+                raise
+            action = replace(await self.fallback.current(identity), degraded=True)
+            if action.block_seconds > 0 and enforce:
+                return action, None
+            if action.cost_multiplier != 1.0:
+                cost = math.ceil(cost * action.cost_multiplier)
+            decision = await memory.acquire(identity.key, cost, interval, burst, limiter.clock())
+            return action, replace(decision, degraded=True)
+        self._remember(identity.key, policy)
+        return self._parse(policy), decision_of(charged, burst) if charged else None
 
     async def update(self, identity: Identity, assessment: Assessment) -> Action:
         argv = (
@@ -232,7 +301,13 @@ class RedisPolicy:
             repr(float(assessment.risk)),
             json.dumps(dict(assessment.signals), separators=(",", ":")),
         )
+        if assessment.risk < self.thresholds.watch and self._stateless.get(identity.key):
+            # Redis had nothing to remember of it a moment ago (this request's ``current``),
+            # and this assessment adds nothing: no round-trip, as in GradedPolicy.update.
+            return Action(assessment=assessment, previous="normal")
         try:
+            if self.storage.failing:  # this request found Redis failing already
+                raise StorageError("Redis is failing")
             reply = await self.storage.call(UPDATE, (self.key(identity.key),), argv)
         except StorageError:
             if self.fallback is None:
