@@ -44,6 +44,7 @@ from .problem import ABNORMAL_USAGE, QUOTA_EXCEEDED, send_problem
 from .responder import Responder, with_headers
 from .settings import ShieldOverrides, ShieldSettings
 from .storage import Storage, storage_from_url
+from .storage.redis_policy import RedisPolicy
 
 logger = logging.getLogger("asgi_extraction_shield")
 
@@ -126,18 +127,31 @@ class ExtractionShield:
         self._identify = identify
         self.limiter = Limiter(self.storage, settings.rate, settings.burst, clock)
         self.adapter: RequestAdapter = adapter or build_adapter(settings)
-        built = build_monitor(settings, secret, clock) if query_monitor is None else None
+        built = (
+            build_monitor(settings, secret, clock, self.storage) if query_monitor is None else None
+        )
         self.monitor: Monitor = query_monitor or built or NullMonitor()
         self.policy: Policy = risk_policy or (
-            build_policy(settings.policy, clock) if built is not None else StaticPolicy()
+            build_policy(settings.policy, clock, self.storage)
+            if built is not None
+            else StaticPolicy()
         )
         observe_outputs = getattr(self.monitor, "observe_outputs", None)
         self.postprocessor = postprocessor or build_postprocessor(
-            settings, secret, observe_outputs, graded=isinstance(self.policy, GradedPolicy)
+            settings,
+            secret,
+            observe_outputs,
+            graded=isinstance(self.policy, (GradedPolicy, RedisPolicy)),
         )
         # Fast path: with neither monitor nor policy, only the limiter runs.
         self._graded = not isinstance(self.monitor, NullMonitor) or risk_policy is not None
         self.identities.with_network = self._graded  # only the monitor's pools use it
+        policy = self.policy
+        self._charge = (
+            policy.admit
+            if self._graded and isinstance(policy, RedisPolicy) and policy.storage is self.storage
+            else None
+        )
         self.events = EventEmitter(on_event)
         self.internal_errors = 0
 
@@ -260,7 +274,11 @@ class ExtractionShield:
         ):
             detail = request.refusal or f"The request body could not be parsed: {request.problem}."
             return _Refusal(400, "about:blank", "Bad Request", detail)
-        action = await self.policy.current(identity) if self._graded else NORMAL
+        charged: Decision | None = None
+        if self._charge is not None:  # policy and limiter on one Redis: one round-trip
+            action, charged = await self._charge(identity, request.cost, self.limiter, self.enforce)
+        else:
+            action = await self.policy.current(identity) if self._graded else NORMAL
         if action.block_seconds > 0 and self.enforce:
             # Blocked already (the ``blocked`` event went out when the block began).
             return self._abnormal_refusal(action)
@@ -269,8 +287,10 @@ class ExtractionShield:
             if action.cost_multiplier == 1.0
             else math.ceil(request.cost * action.cost_multiplier)
         )
-        decision = await self.limiter.acquire(identity.key, cost)
-        if decision.degraded:  # a shared storage was unreachable: decided in this process
+        decision = (
+            charged if charged is not None else await self.limiter.acquire(identity.key, cost)
+        )
+        if decision.degraded or action.degraded:  # shared state unreachable: decided here
             await self._emit("storage_error", identity, action, path, fallback="memory")
         if not decision.allowed:
             await self._emit(
@@ -295,11 +315,16 @@ class ExtractionShield:
         """Monitor and policy: the identity's new action, and a refusal if it is blocked."""
         assessment = await self.monitor.observe_request(identity, request)
         action = await self.policy.update(identity, assessment)
-        if action.level != before.level:
-            await self._emit("level_changed", identity, action, path, previous=before.level)
+        # A shared policy says what the level was just before this update: another process
+        # may have changed it since ``before``, and then that process reported the change.
+        previous = before.level if action.previous is None else action.previous
+        if action.level != previous:
+            await self._emit("level_changed", identity, action, path, previous=previous)
         if action.block_seconds <= 0:
             return None, action
-        if before.block_seconds <= 0:  # the block begins (or, in shadow mode, would)
+        if (
+            before.block_seconds <= 0 if action.previous is None else action.previous != "block"
+        ):  # the block begins (or, in shadow mode, would)
             await self._emit("blocked", identity, action, path)
         if not self.enforce:
             return None, action

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import ConfigurationError
 from .identity import Identity
@@ -20,6 +20,8 @@ from .monitor.base import Assessment
 
 if TYPE_CHECKING:
     from .settings import PolicySettings
+    from .storage.base import Storage
+    from .storage.redis_policy import RedisPolicy
 
 Level = Literal["normal", "watch", "degrade", "throttle", "block"]
 LEVELS: tuple[Level, ...] = ("normal", "watch", "degrade", "throttle", "block")
@@ -30,16 +32,33 @@ class Action:
     """What to do with an identity's requests.
 
     ``cost_multiplier`` scales the limiter cost; ``block_seconds`` > 0 refuses the
-    request with 429 abnormal-usage-detected and that Retry-After.
+    request with 429 abnormal-usage-detected and that Retry-After. ``previous`` is the
+    level the identity had just before an ``update`` changed it, when the state is shared
+    by several processes (another process may have changed it since this request's
+    ``current``): the process whose update made the change reports it, once.
+    ``degraded`` is true when a shared state was unreachable and this process decided alone.
     """
 
     level: Level = "normal"
     cost_multiplier: float = 1.0
     block_seconds: float = 0.0
     assessment: Assessment = field(default_factory=Assessment)
+    previous: Level | None = None
+    degraded: bool = False
 
 
 NORMAL = Action()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """What a policy remembers of one identity, for introspection: its risk now (decayed),
+    its level, the seconds of block left and the assessment that last updated it."""
+
+    risk: float
+    level: Level
+    block_seconds: float
+    assessment: Assessment = field(default_factory=Assessment)
 
 
 class Policy(Protocol):
@@ -197,18 +216,29 @@ class GradedPolicy:
         return state
 
 
-def build_policy(settings: PolicySettings, clock: Callable[[], float]) -> GradedPolicy:
-    """The graded policy ``POLICY__*`` describes."""
+def build_policy(
+    settings: PolicySettings, clock: Callable[[], float], storage: Storage | None = None
+) -> GradedPolicy | RedisPolicy:
+    """The graded policy ``POLICY__*`` describes; on a Redis ``storage``, with its state in
+    Redis (and, when the storage falls back to memory, an in-process fallback)."""
     starts = (settings.watch, settings.degrade, settings.throttle, settings.block)
     if list(starts) != sorted(starts):
         raise ConfigurationError(
             "EXTRACTION_SHIELD_POLICY__WATCH <= DEGRADE <= THROTTLE <= BLOCK is required, got "
             + ", ".join(f"{v:g}" for v in starts)
         )
-    return GradedPolicy(
-        Thresholds(*starts, hysteresis=settings.hysteresis),
-        half_life=settings.half_life,
-        block_seconds=settings.block_seconds,
-        throttle_multiplier=settings.throttle_multiplier,
-        clock=clock,
-    )
+    thresholds = Thresholds(*starts, hysteresis=settings.hysteresis)
+    options: dict[str, Any] = {
+        "half_life": settings.half_life,
+        "block_seconds": settings.block_seconds,
+        "throttle_multiplier": settings.throttle_multiplier,
+    }
+    local = GradedPolicy(thresholds, clock=clock, **options)
+    from .storage.redis import RedisStorage
+
+    if not isinstance(storage, RedisStorage):
+        return local
+    from .storage.redis_policy import RedisPolicy
+
+    fallback = local if storage.fallback is not None else None
+    return RedisPolicy(storage, thresholds, fallback=fallback, **options)

@@ -333,7 +333,8 @@ class ShieldSettings(BaseSettings):
     )
     storage_url: str = Field(
         "memory://",
-        description="Where state lives: 'memory://' (this process) or "
+        description="Where state lives (buckets, policy levels and blocks, the monitor's "
+        "shared observations): 'memory://' (this process) or "
         "'redis://[user:password@]host:port/db' ('rediss://' for TLS), shared by every "
         "process (needs SECRET_KEY and the 'redis' extra).",
     )
@@ -346,8 +347,8 @@ class ShieldSettings(BaseSettings):
     )
     redis_prefix: str = Field(
         "shield",
-        description="Redis storage: prefix of every key ('{<prefix>:<identity>}:tat'); give "
-        "each protected API its own when several share one Redis.",
+        description="Redis storage: prefix of every key ('{<prefix>:<identity>}:tat', "
+        "':policy', ':obs'); give each protected API its own when several share one Redis.",
     )
     failure_mode: Literal["open", "closed"] = Field(
         "open",

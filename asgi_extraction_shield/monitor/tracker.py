@@ -212,6 +212,7 @@ class Tracker:
         "_since_test",
         "assessment",
         "config",
+        "cursor",
         "first_seen",
         "last_seen",
         "logit_bias_tokens",
@@ -252,12 +253,15 @@ class Tracker:
         self._pending_flags: list[bool] = []
         self._pending_queries: list[tuple[Matrix, list[int], list[int]]] = []
         self._pending_rows = 0
-        self._pending_answers: list[Matrix] = []
+        self._pending_answers: list[tuple[NDArray[Any], NDArray[Any], int]] = []
         self._pending_answer_rows = 0
         self.assessment: tuple[int, float, dict[str, float], dict[str, float]] | None = None
         """``(requests, risk, signals, scores)`` when last assessed (kept by the monitor)."""
         self.pools: list[str] = []
         """The pools the identity's latest request fed (kept by the monitor)."""
+        self.cursor: bytes | None = None
+        """How far this tracker has read the observations other processes shared (their
+        log's last entry id read), ``None`` before the first read."""
 
     # -- observing -------------------------------------------------------------------------
 
@@ -285,10 +289,16 @@ class Tracker:
     def observe_answers(self, probabilities: Matrix) -> None:
         """Answers' probability rows: margins, and which class each answer's top-1 is."""
         if probabilities.shape[1] >= 2:
-            self._pending_answers.append(probabilities)
-            self._pending_answer_rows += len(probabilities)
-            if self._pending_answer_rows >= BATCH:
-                self._flush_answers()
+            self.observe_answer_summary(*answer_summary(probabilities))
+
+    def observe_answer_summary(
+        self, margins: NDArray[Any], labels: NDArray[Any], width: int
+    ) -> None:
+        """Answers as :func:`answer_summary` gives them (what another process shares)."""
+        self._pending_answers.append((margins, labels, width))
+        self._pending_answer_rows += len(margins)
+        if self._pending_answer_rows >= BATCH:
+            self._flush_answers()
 
     def flush(self) -> None:
         """Fold the queued observations into the state."""
@@ -306,14 +316,11 @@ class Tracker:
     def _flush_answers(self) -> None:
         pending, self._pending_answers = self._pending_answers, []
         self._pending_answer_rows = 0
-        width = pending[0].shape[1]
-        if all(p.shape[1] == width for p in pending):
-            pending = [np.concatenate(pending) if len(pending) > 1 else pending[0]]
-        for probabilities in pending:
-            top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
-            self._margins.extend(np.abs(top2[:, 1] - top2[:, 0]) < self.config.low_margin)
-            self._classes_seen = max(self._classes_seen, probabilities.shape[1])
-            self._classes.extend(np.argmax(probabilities, axis=1))
+        margins = np.concatenate([p[0] for p in pending]) if len(pending) > 1 else pending[0][0]
+        labels = np.concatenate([p[1] for p in pending]) if len(pending) > 1 else pending[0][1]
+        self._margins.extend(margins < self.config.low_margin)
+        self._classes_seen = max(self._classes_seen, *(p[2] for p in pending))
+        self._classes.extend(labels)
         self._class_entropy = None
 
     def _flush_queries(self) -> None:
@@ -491,6 +498,14 @@ class Tracker:
             "distribution_requests": self._flags.share,
             "logit_bias_tokens": float(len(self.logit_bias_tokens)),
         }
+
+
+def answer_summary(probabilities: Matrix) -> tuple[NDArray[Any], NDArray[Any], int]:
+    """``(top-1 minus top-2 margins, top-1 classes, classes)`` of probability rows."""
+    top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
+    margins = np.abs(top2[:, 1] - top2[:, 0])
+    labels = np.argmax(probabilities, axis=1).astype(np.int32)
+    return margins, labels, int(probabilities.shape[1])
 
 
 def _prada_statistic(distances: Matrix) -> float:
