@@ -302,8 +302,10 @@ class ExtractionShield:
             refusal, action = await self._grade(identity, request, action, path)
             if refusal is not None:
                 return refusal
+        # Shadow mode grades and reports but never degrades answers: the level's chain is
+        # enforcement, so answers get what a client at the normal level gets.
         transform = (
-            self.postprocessor.transform_for(identity, request, action)
+            self.postprocessor.transform_for(identity, request, action if self.enforce else NORMAL)
             if self.postprocessor is not None
             else None
         )

@@ -271,7 +271,8 @@ class ShieldSettings(BaseSettings):
     mode: Literal["enforce", "shadow"] = Field(
         "enforce",
         description="'enforce' acts on decisions; 'shadow' computes and reports them "
-        "(events, logs) but never refuses a request and adds no headers.",
+        "(events, logs) but never refuses a request, never degrades an answer by level and "
+        "adds no headers.",
     )
     rate_limit: str = Field(
         "600/minute",
