@@ -255,6 +255,10 @@ class RedisStorage(Storage):
             over_capacity=int(over) == 1,
         )
 
+    async def peek(self, key: str, interval: float, burst: int, now: float) -> Decision:
+        # The script writes nothing at cost 0: a peek is the same one round-trip.
+        return await self.acquire(key, 0, interval, burst, now)
+
     def _submit(self, args: tuple[str, int, float, int]) -> asyncio.Future[Any]:
         """Queue one script call; the future gets its reply (or the error).
 
