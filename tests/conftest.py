@@ -17,7 +17,9 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp
 from starlette.websockets import WebSocket
 
-from asgi_extraction_shield import ExtractionShield
+from asgi_extraction_shield import ExtractionShield, Identity
+from asgi_extraction_shield.formats.base import ParsedRequest
+from asgi_extraction_shield.monitor import Assessment
 
 SECRET = "test-secret-key-0123456789abcdef"
 
@@ -120,3 +122,17 @@ def client(app: ASGIApp, ip: str = "203.0.113.7") -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app, client=(ip, 40000)), base_url="http://shield.test"
     )
+
+
+class ScriptedMonitor:
+    """A monitor whose risk per identity key the test sets (``risk[key] = 0.95``)."""
+
+    def __init__(self) -> None:
+        self.risk: dict[str, float] = {}
+
+    async def observe_request(self, identity: Identity, request: ParsedRequest) -> Assessment:
+        risk = self.risk.get(identity.key, 0.0)
+        return Assessment(risk, {"coverage": risk, "queries": 60.0})
+
+    def forget(self, key: str) -> bool:
+        return self.risk.pop(key, None) is not None
