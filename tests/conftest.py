@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket
 from asgi_extraction_shield import ExtractionShield, Identity
 from asgi_extraction_shield.formats.base import ParsedRequest
 from asgi_extraction_shield.monitor import Assessment
+from asgi_extraction_shield.policy import GradedPolicy
 
 SECRET = "test-secret-key-0123456789abcdef"
 
@@ -136,3 +137,19 @@ class ScriptedMonitor:
 
     def forget(self, key: str) -> bool:
         return self.risk.pop(key, None) is not None
+
+
+def scripted_shield(
+    clock: FakeClock, policy: GradedPolicy | None = None, **overrides: Any
+) -> tuple[ExtractionShield, ScriptedMonitor]:
+    """The Starlette app behind a shield graded by a :class:`ScriptedMonitor`."""
+    monitor = ScriptedMonitor()
+    overrides.setdefault("secret_key", SECRET)
+    app = ExtractionShield(
+        starlette_app(),
+        clock=clock,
+        query_monitor=monitor,
+        risk_policy=policy or GradedPolicy(clock=clock),
+        **overrides,
+    )
+    return app, monitor

@@ -12,7 +12,7 @@ from asgi_extraction_shield import ConfigurationError, ExtractionShield, ShieldE
 from asgi_extraction_shield.introspection import ShieldHandle
 from asgi_extraction_shield.policy import GradedPolicy
 
-from .conftest import SECRET, FakeClock, ScriptedMonitor, client, fastapi_app, starlette_app
+from .conftest import SECRET, FakeClock, client, fastapi_app, scripted_shield, starlette_app
 
 pytestmark = pytest.mark.anyio
 TOKEN = "admin-token-0123456789abcdef"
@@ -22,14 +22,10 @@ BODY = {"instances": [[1.0, 2.0]]}
 
 
 def _shield(clock: FakeClock, events: list[ShieldEvent] | None = None, **overrides: Any) -> Any:
-    monitor = ScriptedMonitor()
-    app = ExtractionShield(
-        starlette_app(),
-        secret_key=SECRET,
+    app, monitor = scripted_shield(
+        clock,
+        GradedPolicy(block_seconds=60.0, clock=clock),
         rate_limit="10/hour",
-        clock=clock,
-        query_monitor=monitor,
-        risk_policy=GradedPolicy(block_seconds=60.0, clock=clock),
         on_event=None if events is None else events.append,
         **overrides,
     )

@@ -12,10 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from asgi_extraction_shield import ConfigurationError, ExtractionShield, StorageError
 from asgi_extraction_shield.limiter import Decision
 from asgi_extraction_shield.metrics import RouteLabels
-from asgi_extraction_shield.policy import GradedPolicy
 from asgi_extraction_shield.storage import MemoryStorage
 
-from .conftest import SECRET, FakeClock, ScriptedMonitor, client, starlette_app
+from .conftest import SECRET, FakeClock, client, scripted_shield, starlette_app
 
 pytestmark = pytest.mark.anyio
 BODY = {"instances": [[1.0, 2.0]]}
@@ -47,20 +46,14 @@ class FlakyStorage(MemoryStorage):
 
 
 async def test_metrics_count_what_the_shield_did(clock: FakeClock) -> None:
-    registry = CollectorRegistry()
-    monitor = ScriptedMonitor()
     storage = FlakyStorage(clock=clock)
-    app = ExtractionShield(
-        starlette_app(),
-        secret_key=SECRET,
+    app, monitor = scripted_shield(
+        clock,
         rate_limit="3/hour",
         protected_paths="/predict,/echo*",
         perturbation="round:1",
-        clock=clock,
         storage=storage,
-        query_monitor=monitor,
-        risk_policy=GradedPolicy(clock=clock),
-        metrics_registry=registry,
+        metrics_registry=CollectorRegistry(),
     )
     thief = app.identities.keys_for("thief")[0]
     monitor.risk[thief] = 0.95
