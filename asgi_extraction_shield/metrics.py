@@ -36,12 +36,14 @@ from starlette.types import ASGIApp
 from .errors import ConfigurationError
 from .formats.base import ParsedRequest
 from .postprocess.base import ResponseTransform
+from .problem import ABNORMAL_USAGE, QUOTA_EXCEEDED
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import Metric
 
 OUTCOMES = ("allowed", "rate_limited", "blocked", "refused")
+_REFUSALS = {QUOTA_EXCEEDED: "rate_limited", ABNORMAL_USAGE: "blocked"}
 RISK_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 SECONDS_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25)
 
@@ -187,6 +189,10 @@ class ShieldMetrics:
 
     def decided(self, outcome: str) -> None:
         self._outcomes[outcome].inc()
+
+    def refused(self, problem_type: str) -> None:
+        """Counts a refusal by its problem type: quota (429), abnormal usage (429), other."""
+        self._outcomes[_REFUSALS.get(problem_type, "refused")].inc()
 
     def failed(self, kind: str) -> None:
         (self.storage_errors if kind == "storage_error" else self.internal_errors).inc()

@@ -282,6 +282,8 @@ class ExtractionShield:
                 )
             return
         if isinstance(outcome, _Refusal):
+            if self.metrics is not None:
+                self.metrics.refused(outcome.type_)
             headers = outcome.headers
             if outcome.retry_after:
                 headers.append((b"retry-after", str(outcome.retry_after).encode()))
@@ -311,8 +313,6 @@ class ExtractionShield:
         metrics = self.metrics
         if identity is None:
             if self._reject_anonymous:
-                if metrics is not None:
-                    metrics.decided("refused")
                 return _Refusal(
                     401,
                     "about:blank",
@@ -331,14 +331,10 @@ class ExtractionShield:
             request.refusal is not None or (self._strict and not request.parsed and request.problem)
         ):
             detail = request.refusal or f"The request body could not be parsed: {request.problem}."
-            if metrics is not None:
-                metrics.decided("refused")
             return _Refusal(400, "about:blank", "Bad Request", detail)
         action = await self.policy.current(identity) if self._graded else NORMAL
         if action.block_seconds > 0 and self.enforce:
             # Blocked already (the ``blocked`` event went out when the block began).
-            if metrics is not None:
-                metrics.decided("blocked")
             return self._abnormal_refusal(action)
         cost = (
             request.cost
@@ -353,21 +349,17 @@ class ExtractionShield:
                 "rate_limited", identity, action, path, cost=cost, retry_after=decision.retry_after
             )
             if self.enforce:
-                if metrics is not None:
-                    metrics.decided("rate_limited")
                 return self._quota_refusal(decision, cost)
         if self._graded:
             refusal, action = await self._grade(identity, request, action, path)
             if refusal is not None:
-                if metrics is not None:
-                    metrics.decided("blocked")
                 return refusal
         transform = (
             self.postprocessor.transform_for(identity, request, action)
             if self.postprocessor is not None
             else None
         )
-        if metrics is not None:  # here in enforce mode only when allowed; in shadow, always
+        if metrics is not None:  # refusals are counted by __call__; in shadow mode, none is made
             metrics.decided(
                 "blocked"
                 if action.block_seconds > 0

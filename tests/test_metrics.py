@@ -52,6 +52,8 @@ async def test_metrics_count_what_the_shield_did(clock: FakeClock) -> None:
         rate_limit="3/hour",
         protected_paths="/predict,/echo*",
         perturbation="round:1",
+        identity="header:x-api-key",
+        anonymous="reject",
         storage=storage,
         metrics_registry=CollectorRegistry(),
     )
@@ -62,6 +64,7 @@ async def test_metrics_count_what_the_shield_did(clock: FakeClock) -> None:
             await c.post("/predict", json=BODY, headers={"x-api-key": "user"})
         await c.post("/predict", content=b"not json", headers={"x-api-key": "other"})
         await c.post("/echo", json=BODY, headers={"x-api-key": "other"})
+        assert (await c.post("/predict", json=BODY)).status_code == 401  # no identity
         for _ in range(2):  # blocked at once, then refused while blocked
             await c.post("/predict", json=BODY, headers={"x-api-key": "thief"})
         storage.down = True
@@ -79,6 +82,7 @@ async def test_metrics_count_what_the_shield_did(clock: FakeClock) -> None:
     assert _value(s, decisions, outcome="allowed") == 3 + 2  # user's 3, other's 2
     assert _value(s, decisions, outcome="rate_limited") == 1
     assert _value(s, decisions, outcome="blocked") == 2
+    assert _value(s, decisions, outcome="refused") == 1
     assert _value(s, "extraction_shield_identities", level="block") == 1
     assert _value(s, "extraction_shield_identities", level="watch") == 0
     # risk: every request that reached the monitor (5 allowed and the thief's first)
