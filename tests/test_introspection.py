@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from asgi_extraction_shield import ConfigurationError, ExtractionShield, ShieldEvent
-from asgi_extraction_shield.introspection import ShieldHandle
+from asgi_extraction_shield import ConfigurationError, ExtractionShield, ShieldEvent, ShieldHandle
 from asgi_extraction_shield.policy import GradedPolicy
 
 from .conftest import SECRET, FakeClock, client, fastapi_app, scripted_shield, starlette_app
