@@ -259,10 +259,17 @@ def test_tune_end_to_end_on_a_shadow_log(
     signals = {s["signal"]: s for s in result["signals"]}
     assert {"coverage", "class_entropy"} <= set(signals)
     assert any(line.startswith("EXTRACTION_SHIELD_MONITOR__COVERAGE=") for line in result["env"])
-    # the human report says the same
+    # the log says what the lab recorded: each identity's peak policy risk
+    with path.open(encoding="utf-8") as lines:
+        seen = profiles(parse_events(lines), [], min_queries=50)
+    assert {t.key: pytest.approx(max(t.risk)) for t in traces.values()} == {
+        key: p.peak_risk for key, p in seen.items()
+    }
+    # unlisted, the thief counts as benign: its peak of 1.0 is a false positive the strict
+    # levels may not afford, which pushes them to the cap (fewer false positives, not more)
     assert main(["tune", "--events", str(path), "--target-fpr", str(fpr)]) == 0
     text = capsys.readouterr().out
-    assert "Assumption:" in text and "EXTRACTION_SHIELD_POLICY__DEGRADE=" in text
+    assert "Assumption:" in text and "EXTRACTION_SHIELD_POLICY__BLOCK=1\n" in text
 
 
 def test_tune_refuses_what_it_cannot_use(
