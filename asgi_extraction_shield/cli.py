@@ -39,6 +39,41 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from .policy import LEVELS
+    from .settings import SIGNALS
+    from .tune import parse_events, render, tune
+
+    try:
+        settings = ShieldSettings()  # the thresholds in force, to compare with
+        known_bad = _known_bad(args.known_bad)
+        with open(args.events, encoding="utf-8", errors="replace") as lines:
+            policy, rules = settings.policy, settings.monitor.rules()
+            result = tune(
+                parse_events(lines),
+                target_fpr=args.target_fpr,
+                current_levels={level: getattr(policy, level) for level in LEVELS[1:]},
+                current_rules={name: rules[name] for name in SIGNALS},
+                min_queries=settings.monitor.min_queries,
+                known_bad=known_bad,
+                margin=args.margin,
+                hysteresis=policy.hysteresis,
+            )
+    except (ConfigurationError, OSError, ValueError) as exc:
+        print(f"extraction-shield tune: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
+    return 0
+
+
+def _known_bad(path: str | None) -> list[str]:
+    """Identity hashes, one a line (blank lines and ``#`` comments skipped)."""
+    if path is None:
+        return []
+    with open(path, encoding="utf-8") as lines:
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extraction-shield", description="Model-extraction shield for ASGI model servers."
@@ -54,6 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--json", action="store_true", help="machine-readable output")
     keygen.set_defaults(run=_keygen)
     add_audit_parser(commands)
+    from .tune import __doc__ as tune_doc
+
+    tune = commands.add_parser(
+        "tune",
+        help="suggest thresholds for a target false-positive rate from a shadow event log",
+        description=(tune_doc or "").split("**Assumption.**")[-1].strip().replace("``", "'"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune.add_argument("--events", required=True, help="the shield's JSON event log (one a line)")
+    tune.add_argument(
+        "--target-fpr",
+        type=float,
+        default=0.01,
+        help="share of benign identities allowed to reach 'degrade' (default 0.01)",
+    )
+    tune.add_argument(
+        "--known-bad", help="a file of identity hashes known to be attackers, one a line"
+    )
+    tune.add_argument(
+        "--margin",
+        type=float,
+        default=0.02,
+        help="how far above the last tolerated benign peak a threshold goes (default 0.02)",
+    )
+    tune.add_argument("--json", action="store_true", help="machine-readable output")
+    tune.set_defaults(run=_tune)
     return parser
 
 

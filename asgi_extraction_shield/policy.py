@@ -3,8 +3,9 @@
 Levels grow ``normal → watch → degrade → throttle → block``. The middleware asks the
 policy for an identity's current :class:`Action` before charging the limiter (a
 throttled identity pays ``cost_multiplier`` times the cost) and hands it the monitor's
-assessment afterwards (which may raise the level, or block). This version ships the
-static policy (always ``normal``); the graded policy plugs in here.
+assessment afterwards (which may raise the level, or block). ``inspect`` and ``lift`` serve
+introspection (``ExtractionShield.inspect``, the admin route): a policy that keeps its
+state elsewhere (Redis) implements them too.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ class Policy(Protocol):
         """The identity's action once this request is observed."""
         ...
 
+    async def inspect(self, key: str) -> PolicyState | None:
+        """The state of the identity hashed as ``key``; ``None`` when nothing is remembered."""
+        ...
+
+    async def lift(self, key: str) -> bool:
+        """Forget the identity's risk, level and block; true if there was anything to lift."""
+        ...
+
 
 class StaticPolicy:
     """Always the same action (``normal`` by default): the limiter alone decides."""
@@ -82,6 +91,12 @@ class StaticPolicy:
 
     async def update(self, identity: Identity, assessment: Assessment) -> Action:
         return self.action
+
+    async def inspect(self, key: str) -> PolicyState | None:
+        return None  # nothing is remembered
+
+    async def lift(self, key: str) -> bool:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,17 +203,33 @@ class GradedPolicy:
         state.risk, state.level, state.updated, state.assessment = risk, level, updated, assessment
         return self._action(state, now)
 
-    def state(self, key: str) -> tuple[float, Level, float] | None:
-        """``(risk, level, seconds of block left)`` of an identity, for introspection."""
+    async def inspect(self, key: str) -> PolicyState | None:
         state = self._states.get(key)
         if state is None:
             return None
         now = self.clock()
-        return self._decayed(state, now), state.level, max(0.0, state.blocked_until - now)
+        block = max(0.0, state.blocked_until - now)
+        return PolicyState(self._decayed(state, now), state.level, block, state.assessment)
 
-    def lift(self, key: str) -> bool:
-        """Forget an identity's risk, level and block. True if there was anything to lift."""
+    async def lift(self, key: str) -> bool:
         return self._states.pop(key, None) is not None
+
+    def level_counts(self) -> dict[Level, int]:
+        """Identities at each level above ``normal`` now (decay and finished blocks applied),
+        for metrics. O(identities held): meant for a scrape every few seconds, not for each
+        request. Identities at ``normal`` are not remembered, so not counted."""
+        now = self.clock()
+        counts = dict.fromkeys(LEVELS[1:], 0)
+        for state in list(self._states.values()):
+            if state.blocked_until > now:
+                level: Level = "block"
+            else:
+                level = self.thresholds.level(self._decayed(state, now), state.level)
+                if level == "block":
+                    level = "throttle"  # as in ``current``: a finished block steps down
+            if level != "normal":
+                counts[level] += 1
+        return counts
 
     def _insert(self, key: str, state: _State) -> _State:
         states = self._states

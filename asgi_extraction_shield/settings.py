@@ -14,7 +14,15 @@ import math
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import TypedDict
 
@@ -395,6 +403,31 @@ class ShieldSettings(BaseSettings):
         description="Largest JSON response body buffered for post-processing; larger ones "
         "pass through unchanged.",
     )
+    metrics: bool = Field(
+        False,
+        description="Export Prometheus metrics (needs the 'metrics' extra) and serve them at "
+        "METRICS_PATH.",
+    )
+    metrics_path: str = Field(
+        "/metrics",
+        description="Where the shield serves its metrics when METRICS is on, exempt from "
+        "limiting; empty: not served (scrape the registry your own way).",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the admin route (at least 16 characters); unset: no "
+        "admin route.",
+    )
+    admin_path: str = Field(
+        "/_shield",
+        description="Prefix of the admin route (identity state as JSON, lifting penalties).",
+    )
+    assessed_interval: float = Field(
+        0.0,
+        ge=0,
+        description="Log an 'assessed' event (risk, level, signals) for each active identity "
+        "at most once per this many seconds, for `extraction-shield tune`; 0: off.",
+    )
     openai: OpenAISettings = Field(
         default_factory=lambda: OpenAISettings(),
         description="OpenAI-compatible endpoints (request hardening).",
@@ -461,6 +494,22 @@ class ShieldSettings(BaseSettings):
                 raise ValueError(f"{path!r} is not a path pattern: expected '/...' or a glob")
         return value
 
+    @field_validator("metrics_path", "admin_path")
+    @classmethod
+    def _check_route(cls, value: str, info: ValidationInfo) -> str:
+        if not value and info.field_name == "metrics_path":
+            return value
+        if not value.startswith("/") or value == "/" or any(c in value for c in "*?[ "):
+            raise ValueError(f"{value!r}: expected a path such as '/_shield' (no glob)")
+        return value.rstrip("/")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("too short: use at least 16 characters (`extraction-shield keygen`)")
+        return value
+
     @field_validator("perturbation")
     @classmethod
     def _check_chain(cls, value: str) -> str:
@@ -524,6 +573,11 @@ class ShieldOverrides(TypedDict, total=False):
     distribution_cost: float
     perturbation: str
     max_response_bytes: int
+    metrics: bool
+    metrics_path: str
+    admin_token: SecretStr | str | None
+    admin_path: str
+    assessed_interval: float
     openai: OpenAISettings | dict[str, Any]
     generic: GenericSettings | dict[str, Any]
     monitor: MonitorSettings | dict[str, Any]
@@ -548,7 +602,7 @@ def _describe(exc: ValidationError) -> str:
         loc = [str(part) for part in error["loc"]]
         var = ENV_PREFIX + "__".join(loc).upper() if loc else ENV_PREFIX
         given = error.get("input")
-        if loc and loc[0] == "secret_key":
+        if loc and loc[0] in ("secret_key", "admin_token"):
             given = "**********"
         message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":

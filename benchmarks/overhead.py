@@ -5,8 +5,9 @@ endpoint answering a KServe v1 request (64 features) with 10-class probabilities
 same app behind slowapi (its pure-ASGI middleware, with a limit high enough never to
 trigger), behind the shield with the limiter only (``FORMAT=none``), and behind the
 shield parsing the payload and rounding (``round:3``) or perturbing (``FULL_CHAIN``) the
-outputs, and on its full path with the query monitor on as well (the defaults). Requests
-cycle through 1,009 distinct queries from one client. Rounds are
+outputs, and on its full path with the query monitor on as well (the defaults), without and
+with Prometheus metrics (``METRICS=true``, a registry of its own). Requests cycle through
+1,009 distinct queries from one client. Rounds are
 interleaved so that machine noise hits every variant alike; each figure is the
 median over rounds of the mean µs per request in that round. Overheads are
 differences from the bare app; the verdict is the ratio of overheads, which is what
@@ -28,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from slowapi import Limiter as SlowLimiter
 from slowapi.middleware import SlowAPIASGIMiddleware
 from slowapi.util import get_remote_address
@@ -92,6 +94,21 @@ def shield_perturb_app() -> ASGIApp:
 def shield_full_app() -> ASGIApp:
     """The full path: payload parsed, queries monitored, outputs perturbed (defaults)."""
     return shield_app(format="auto", perturbation=FULL_CHAIN, monitor={"enabled": True})
+
+
+def shield_metrics_app() -> ASGIApp:
+    """The limiter only, with Prometheus metrics on: what metrics cost, on a quiet path."""
+    return shield_app(metrics_registry=CollectorRegistry())
+
+
+def shield_full_metrics_app() -> ASGIApp:
+    """The full path with Prometheus metrics on."""
+    return shield_app(
+        format="auto",
+        perturbation=FULL_CHAIN,
+        monitor={"enabled": True},
+        metrics_registry=CollectorRegistry(),
+    )
 
 
 def scope(body: bytes) -> dict[str, Any]:
@@ -186,9 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bare": model_app,
         "slowapi": slowapi_app,
         "shield (limiter only)": shield_app,
+        "shield (limiter only + metrics)": shield_metrics_app,
         "shield (parse + round:3)": shield_round_app,
         "shield (parse + perturb)": shield_perturb_app,
         "shield (full path)": shield_full_app,
+        "shield (full path + metrics)": shield_full_metrics_app,
     }
     variants = {name: build() for name, build in builders.items()}
     asyncio.run(check_paths(variants))
@@ -206,6 +225,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         / slow_overhead,
         "ratio_full_path_to_slowapi_overhead": (medians["shield (full path)"] - bare)
         / slow_overhead,
+        "metrics_us_limiter_only": medians["shield (limiter only + metrics)"]
+        - medians["shield (limiter only)"],
+        "ratio_metrics_full_path_overhead": (medians["shield (full path + metrics)"] - bare)
+        / (medians["shield (full path)"] - bare),
         "rounds": args.rounds,
         "requests_per_round": args.requests,
     }
@@ -226,6 +249,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{result['ratio_parse_perturb_to_slowapi_overhead']:.3f}"
             f"\nshield (full path) overhead / slowapi overhead = "
             f"{result['ratio_full_path_to_slowapi_overhead']:.3f}"
+            f"\nshield (full path + metrics) overhead / full path overhead = "
+            f"{result['ratio_metrics_full_path_overhead']:.3f}"
+            f"\nmetrics on the limiter-only path: "
+            f"{result['metrics_us_limiter_only']:+.1f} µs/request"
         )
     return result
 

@@ -18,7 +18,10 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp
 from starlette.websockets import WebSocket
 
-from asgi_extraction_shield import ExtractionShield
+from asgi_extraction_shield import ExtractionShield, Identity
+from asgi_extraction_shield.formats.base import ParsedRequest
+from asgi_extraction_shield.monitor import Assessment
+from asgi_extraction_shield.policy import GradedPolicy
 
 from .redis_server import RedisServer
 
@@ -161,3 +164,33 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[Any]:
     client_ = redis.asyncio.Redis.from_url(redis_server.url)
     yield client_
     await client_.aclose()
+
+
+class ScriptedMonitor:
+    """A monitor whose risk per identity key the test sets (``risk[key] = 0.95``)."""
+
+    def __init__(self) -> None:
+        self.risk: dict[str, float] = {}
+
+    async def observe_request(self, identity: Identity, request: ParsedRequest) -> Assessment:
+        risk = self.risk.get(identity.key, 0.0)
+        return Assessment(risk, {"coverage": risk, "queries": 60.0})
+
+    def forget(self, key: str) -> bool:
+        return self.risk.pop(key, None) is not None
+
+
+def scripted_shield(
+    clock: FakeClock, policy: GradedPolicy | None = None, **overrides: Any
+) -> tuple[ExtractionShield, ScriptedMonitor]:
+    """The Starlette app behind a shield graded by a :class:`ScriptedMonitor`."""
+    monitor = ScriptedMonitor()
+    overrides.setdefault("secret_key", SECRET)
+    app = ExtractionShield(
+        starlette_app(),
+        clock=clock,
+        query_monitor=monitor,
+        risk_policy=policy or GradedPolicy(clock=clock),
+        **overrides,
+    )
+    return app, monitor

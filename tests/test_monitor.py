@@ -334,8 +334,8 @@ async def test_moderate_risk_is_answered_with_the_degrade_chain(clock: FakeClock
         original = (
             await bare.post("/v1/models/m:predict", json={"instances": [rows[-1].tolist()]})
         ).json()["predictions"][0]
-    state = app.policy.state(next(iter(app.policy._states)))
-    assert state is not None and state[1] == "degrade"
+    state = await app.policy.inspect(next(iter(app.policy._states)))
+    assert state is not None and state.level == "degrade"
     assert shielded != original and np.argmax(shielded) == np.argmax(original)
     assert abs(sum(shielded) - 1) < 1e-6 and all(v == round(v, 2) for v in shielded)  # round:2
 

@@ -156,6 +156,25 @@ async def test_keys_are_hash_tagged_and_expire_when_the_bucket_is_full(
 
 
 @pytest.mark.anyio
+async def test_peek_reads_the_shared_bucket_without_charging(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    rate = Rate.parse("7/hour")  # one token every 514 s: nothing refills during the test
+    limiter = Limiter(RedisStorage(redis_server.url, prefix="peek"), rate, burst=5)
+    untouched = await limiter.peek("header:a")
+    assert (untouched.allowed, untouched.remaining, untouched.reset_after) == (True, 5, 0.0)
+    assert [k async for k in raw.scan_iter()] == []  # a peek writes nothing
+    charged = await limiter.acquire("header:a", 2)
+    tat = await raw.get("{peek:header:a}:tat")
+    for _ in range(2):
+        seen = await limiter.peek("header:a")
+        assert seen.remaining == charged.remaining == 3
+        assert seen.reset_after == pytest.approx(charged.reset_after, abs=0.05)
+    assert await raw.get("{peek:header:a}:tat") == tat
+    await limiter.storage.close()
+
+
+@pytest.mark.anyio
 async def test_script_reloaded_after_script_flush(redis_server: RedisServer, raw: Any) -> None:
     storage = RedisStorage(redis_server.url)
     assert (await storage.acquire("k", 1, 60.0, 10, 0.0)).remaining == 9

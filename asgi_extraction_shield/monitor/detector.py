@@ -307,6 +307,18 @@ class ExtractionMonitor:
         tracker = self.identities.get(key)
         return None if tracker is None else tracker.signals()
 
+    def assessment_of(self, key: str) -> Assessment | None:
+        """The identity's own latest assessment (pools aside), for introspection."""
+        tracker = self.identities.get(key)
+        if tracker is None or tracker.assessment is None:
+            return None
+        _, risk, signals, scores = tracker.assessment
+        return Assessment(risk, {**signals, **{f"score.{k}": v for k, v in scores.items()}})
+
+    def forget(self, key: str) -> bool:
+        """Drop the identity's tracker (when a block is lifted: it starts afresh)."""
+        return self.identities.pop(key, None) is not None
+
 
 def _digests(request: ParsedRequest, rows: Matrix | None) -> list[int]:
     """A 64-bit digest of each query's canonical form, alike in every process (BLAKE2b)."""

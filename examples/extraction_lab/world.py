@@ -5,7 +5,7 @@ client address so that the shield sees the right IP; the API key in ``x-api-key`
 is a fake clock the simulation sets before each request: clients act in the order of
 their own schedules, nobody sleeps, and a run is deterministic. After every request the
 world records what the shield now thinks of the client: its policy level and risk
-(``shield.policy.state``), the monitor's assessment of that request, the client's own
+(``shield.policy.inspect``), the monitor's assessment of that request, the client's own
 signals (``shield.monitor.signals_of``) and those of the pools it belongs to.
 """
 
@@ -241,7 +241,7 @@ async def simulate(
             clock.now = when
             sent_before = len(campaign.queries) if campaign is not None else 0
             outcome, answer, retry_after = await _ask(clients[actor.ip], actor.api_key, x)
-            _record(actor.trace, shield, recorder, pools, when, outcome, sent_before + 1)
+            await _record(actor.trace, shield, recorder, pools, when, outcome, sent_before + 1)
             actor.trace.answer_classes.append(-1 if answer is None else int(np.argmax(answer)))
             if actor.plan is not None and answer is not None:
                 truth = held_labels[actor.plan.items[actor.step]]
@@ -302,7 +302,7 @@ async def _ask(
     return "error", None, retry_after
 
 
-def _record(
+async def _record(
     trace: Trace,
     shield: ExtractionShield,
     recorder: RecordingMonitor | None,
@@ -318,12 +318,11 @@ def _record(
         trace.risk.append(0.0)
         trace.level.append(0)
         return
-    state = shield.policy.state(trace.key) if hasattr(shield.policy, "state") else None
+    state = await shield.policy.inspect(trace.key)
     assessment = recorder.last.pop(trace.key, None)
     if state is not None:
-        risk, level, _ = state
-        trace.risk.append(float(risk))
-        trace.level.append(LEVELS.index(level))
+        trace.risk.append(float(state.risk))
+        trace.level.append(LEVELS.index(state.level))
         if trace.level[-1] >= DEGRADE and not trace.flagged_by and assessment is not None:
             trace.flagged_by = {"risk": assessment.risk, **assessment.signals}
     else:
