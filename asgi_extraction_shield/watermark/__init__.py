@@ -90,3 +90,14 @@ def rewrite_request(
         if new is not None:
             doc, changed = new, True
     return orjson.dumps(doc) if changed else None
+
+
+def _register() -> None:
+    from .embmarker import EmbMarker, EmbMarkerScheme
+    from .text import TextMark, TextScheme
+
+    WATERMARKS.update({"embmarker": EmbMarker, "text": TextMark})
+    SCHEMES.update({"embmarker": EmbMarkerScheme, "text": TextScheme})
+
+
+_register()
