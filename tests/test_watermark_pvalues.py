@@ -60,3 +60,21 @@ def test_bonferroni() -> None:
     assert pvalues.bonferroni([0.6, 0.9]) == 1.0
     assert pvalues.bonferroni([]) == 1.0
     assert math.isclose(pvalues.betainc(2.0, 3.0, 0.4), stats.beta.cdf(0.4, 2, 3))
+
+
+@pytest.mark.parametrize(
+    ("k", "n_all", "good", "draws"),
+    [
+        (0, 50, 10, 5),
+        (3, 50, 10, 5),
+        (30, 1000, 250, 80),
+        (60, 1000, 250, 100),
+        (11, 48, 12, 20),
+        (13, 48, 12, 20),
+    ],
+)
+def test_hypergeometric_tail(k: int, n_all: int, good: int, draws: int) -> None:
+    expected = stats.hypergeom.sf(k - 1, n_all, good, draws)
+    assert pvalues.hypergeometric_sf(k, n_all, good, draws) == pytest.approx(
+        expected, rel=1e-9, abs=1e-300
+    )

@@ -83,6 +83,26 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return betainc(float(k), float(n - k + 1), p)
 
 
+def _log_choose(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def hypergeometric_sf(k: int, population: int, successes: int, draws: int) -> float:
+    """``P(X >= k)`` for ``X`` the successes among ``draws`` taken without replacement from
+    ``population`` items of which ``successes`` are successes."""
+    top = min(draws, successes)
+    low = max(k, 0, draws - (population - successes))
+    if low > top:
+        return 0.0 if k > top else 1.0
+    base = _log_choose(population, draws)
+    logs = [
+        _log_choose(successes, x) + _log_choose(population - successes, draws - x) - base
+        for x in range(low, top + 1)
+    ]
+    peak = max(logs)
+    return float(min(1.0, math.exp(peak) * sum(math.exp(v - peak) for v in logs)))
+
+
 def poisson_binomial_sf(k: int, probabilities: Sequence[float]) -> float:
     """``P(X >= k)`` for ``X`` a sum of independent Bernoulli(``p_i``) (exact recursion).
 

@@ -27,12 +27,14 @@ otherwise be counted once per occurrence, and its p-value would not be uniform.
 **Green-list logit bias** (Unigram watermark, Zhao et al., "Provable Robust Watermarking
 for AI-Generated Text", ICLR 2024). A keyed fraction ``gamma`` of the token ids
 ``[0, vocab)`` gets ``+bias`` in the upstream request's ``logit_bias``. Detection on a
-suspect's tokens: with ``c_i`` the count of token ``i`` and ``g = Σ_green c_i``, under
-the null (the green list is a uniformly random ``s``-subset of the ``V`` ids, independent
-of the model) ``E[g] = γT`` and ``Var[g] = s·(V − s)/(V − 1)·σ²_c`` with ``σ²_c`` the
-population variance of the counts over the ``V`` ids (sampling without replacement).
-``z = (g − γT)/√Var[g]`` reduces to ``(g − γT)/√(Tγ(1 − γ))`` when no token repeats and
-``V`` is large; with repeats the textbook formula overstates the evidence of clean text.
+suspect's tokens counts each distinct token once: with ``T`` distinct tokens of which
+``g`` are green, ``z = (g − γT)/√(Tγ(1 − γ)·(V − T)/(V − 1))`` (the issue's formula with
+the finite-vocabulary factor) and the p-value is the exact hypergeometric tail, since
+under the null the green list is a uniformly random subset of the ``V`` ids, independent
+of the model. Counting every occurrence instead would let a clean model that repeats a
+few tokens (``the``, ``,``) look marked or unmarked wholesale. The evidence is bounded by
+the vocabulary: a text can show at most ``V`` coins, so a small vocabulary (the example
+server's 48 tokens) cannot reach a tiny p-value, and the synonyms carry the evidence.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ _JOINERS = frozenset("-_/\\@.")
 _OPEN = {"{": "}", "[": "]"}
 _SENTENCE_END = frozenset(".!?:\n")
 # Trailing characters a stream piece holds back: a word, backticks or a URL may go on.
-_PARTIAL = re.compile(r"(?:[A-Za-z']+|`+|(?:https?:?/*|www\.?)|[A-Za-z]+[.:]/*)$")
+_PARTIAL = re.compile(r"(?:[A-Za-z']+|`+|(?:https?:?/*|www\.?)|[A-Za-z]+[.:]/*)\Z")
 
 TEXT, FENCE, CODE, QUOTE, CURLY, BRACKET = range(6)
 
@@ -245,18 +247,19 @@ def green_test(
     token_ids: Sequence[int], green: Sequence[int], vocab: int
 ) -> tuple[float, float, dict[str, Any]]:
     """``(z, p_value, details)`` of the green-list test on a suspect's tokens (ids outside
-    ``[0, vocab)`` are ignored); the p-value is the normal tail of ``z``."""
-    ids = np.asarray([t for t in token_ids if 0 <= t < vocab], dtype=np.int64)
-    size = len(green)
-    total = len(ids)
-    if not total or not 0 < size < vocab:
-        return 0.0, 1.0, {"tokens": total}
-    counts = np.bincount(ids, minlength=vocab).astype(np.float64)
-    g = float(counts[np.asarray(green, dtype=np.int64)].sum())
+    ``[0, vocab)`` are ignored), over the distinct tokens (module docstring): the p-value
+    is the exact hypergeometric tail."""
+    distinct = {t for t in token_ids if 0 <= t < vocab}
+    size, n = len(green), len(distinct)
+    details: dict[str, Any] = {"tokens": len(token_ids), "distinct": n}
+    if not n or not 0 < size < vocab:
+        return 0.0, 1.0, details
+    g = len(distinct.intersection(green))
     gamma = size / vocab
-    variance = size * (vocab - size) / (vocab - 1) * float(counts.var())
-    z = (g - gamma * total) / math.sqrt(variance) if variance > 0 else 0.0
-    return z, pvalues.normal_sf(z), {"tokens": total, "green": g, "gamma": gamma}
+    variance = n * gamma * (1 - gamma) * (vocab - n) / (vocab - 1)
+    z = (g - gamma * n) / math.sqrt(variance) if variance > 0 else 0.0
+    details.update(green=g, gamma=gamma)
+    return z, pvalues.hypergeometric_sf(g, vocab, size, n), details
 
 
 def greedy_tokenizer(vocabulary: Sequence[str]) -> Callable[[str], list[int]]:
