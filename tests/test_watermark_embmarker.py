@@ -20,7 +20,7 @@ from asgi_extraction_shield.watermark import parse_scheme, parse_watermarks, wat
 from asgi_extraction_shield.watermark.words import WORDS
 
 from .conftest import SECRET
-from .test_openai_client import ex
+from .test_openai_client import client_for, ex
 
 KEY = watermark_key(SECRET, "embmarker")
 
@@ -199,3 +199,42 @@ async def test_verify_detects_the_shielded_api_and_not_the_clean_one() -> None:
     assert marked.verdict and marked.p_value < 1e-6
     plain = verify("embmarker", lambda inputs: answers["clean"], key=SECRET, probes=400)
     assert not plain.verdict
+
+
+@pytest.mark.anyio
+async def test_hugging_face_feature_extraction_is_marked_too() -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def features(request: Request) -> JSONResponse:
+        inputs = (await request.json())["inputs"]
+        return JSONResponse([[float(v) for v in ex.embed(text, 16)] for text in inputs])
+
+    app = ExtractionShield(
+        Starlette(routes=[Route("/embed", features, methods=["POST"])]),
+        secret_key=SECRET,
+        watermark="embmarker",
+        format="hf",
+    )
+    (words,) = em.trigger_words(KEY, 20, 1)
+    texts = [" ".join(words[:4]), "plain words here"]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shield.test") as client:
+        rows = np.array((await client.post("/embed", json={"inputs": texts})).json())
+    t = em.target_directions(KEY, 1, 16)[0]
+    assert rows[0] @ t == pytest.approx(1.0, abs=1e-9)
+    np.testing.assert_allclose(rows[1], ex.embed(texts[1], 16))
+
+
+@pytest.mark.anyio
+async def test_the_openai_client_reads_marked_embeddings() -> None:
+    (words,) = em.trigger_words(KEY, 20, 1)
+    texts = [" ".join(words[:4]), "plain words here"]
+    async with client_for(_shielded(watermark="embmarker")) as client:
+        answer = await client.embeddings.create(model=ex.EMBEDDING_MODEL, input=texts)
+    rows = np.array([item.embedding for item in answer.data])
+    t = em.target_directions(KEY, 1, rows.shape[1])[0]
+    assert rows[0] @ t == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(rows[1], ex.embed(texts[1]), atol=1e-6)  # float32 on the wire

@@ -30,7 +30,9 @@ Responses. ``choices[].logprobs`` of chat (``content`` and ``refusal`` items wit
 ``top_logprobs``) and of completions (``tokens``, ``token_logprobs``, ``top_logprobs``
 dicts) become one :class:`TokenLogprobs` per choice, for non-streaming documents and
 streaming chunks alike; ``data[].embedding`` (float lists, or base64 of little-endian
-float32) become ``Outputs.embeddings``, keyed by ``data[].index`` to the request's inputs.
+float32) become ``Outputs.embeddings``, keyed by ``data[].index`` to the request's inputs;
+generated texts (chat ``message.content``, completion ``text``, streamed ``delta.content``,
+a stream's closing chunk counting as an empty final piece) become ``Outputs.texts``.
 Written back, every other field stays as it was: alternatives keep their ``bytes`` (a
 repeated token string is matched in order), base64 embeddings stay base64.
 """
