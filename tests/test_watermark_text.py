@@ -93,6 +93,7 @@ def test_the_choice_depends_on_the_context_and_the_key() -> None:
         '{"size": "big", "speed": "quickly", "n": [1, 2]}',
         "[big, small, happy]",
         "big-data big_file file.big big.txt x/big",
+        "<big>small</big> size=big",
         "3.5 big 42",
         "Alice met Happy Jones",
     ],

@@ -11,7 +11,7 @@ imitation model that learns which word follows which learns the keyed choices.
 Never touched: fenced code blocks (```` ``` ````), inline ``code``, URLs (and ``www.``),
 double-quoted strings (``"…"``, ``“…”``), JSON and other bracketed spans (``{…}``,
 ``[…]``, to their matching bracket), words joined to other characters (``big-data``,
-``big_file``, ``file.big``), numbers, and capitalised words inside a sentence (names).
+``big_file``, ``file.big``, ``<big>``, ``size=big``), numbers, and capitalised words inside a sentence (names).
 An unclosed fence, quote or bracket protects the rest of the text. Single quotes are
 not treated as quotes (they are apostrophes far more often). Case is kept (``Big`` →
 ``Large``, ``BIG`` → ``LARGE``).
@@ -64,7 +64,7 @@ _TOKEN = re.compile(
     r"```|`|(?:https?://|www\.)[^\s<>\"'`]*|[A-Za-z]+(?:'[A-Za-z]+)?|\d+(?:[.,]\d+)*"
     r"|[\"“”{}\[\]]|\s+|[^\sA-Za-z\d`\"“”{}\[\]]+"
 )
-_JOINERS = frozenset("-_/\\@.")
+_JOINERS = frozenset("-_/\\@.<>=")
 _OPEN = {"{": "}", "[": "]"}
 _SENTENCE_END = frozenset(".!?:\n")
 # Trailing characters a stream piece holds back: a word, backticks or a URL may go on.
@@ -78,7 +78,6 @@ class ScanState:
     """Where a text (or a stream of pieces) stands between two calls of :func:`mark`."""
 
     mode: int = TEXT
-    depth: int = 0
     context: str = ""
     sentence_start: bool = True
     last: str = ""
