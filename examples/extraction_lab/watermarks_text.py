@@ -78,6 +78,8 @@ class Row:
     p_value: float
     statistic: float
     probes: int
+    literal: float | None = None
+    """embmarker: the literal EmbMarker KS p-value (smallest over the directions)."""
 
 
 @dataclass
@@ -227,9 +229,9 @@ def embedding_part(config: Config, report: Report) -> None:
         model = _families(i).fit([pool[j] for j in own], clean[own])
         result = verify("embmarker", model, key=SECRET, probes=config.probes)
         name = f"{type(model.regressor).__name__}/{model.kind}"
-        rows.append(
-            Row(name, config.independent_budget, result.p_value, result.statistic, result.probes)
-        )
+        literal = min(d.get("ks_p_value", 1.0) for d in result.details["directions"])
+        budget = config.independent_budget
+        rows.append(Row(name, budget, result.p_value, result.statistic, result.probes, literal))
     report.independent["embmarker"] = rows
     marked = embeddings(marked_app, pool)
     cosine = (marked * clean).sum(axis=1)
@@ -408,6 +410,17 @@ def markdown(report: Report, command: str) -> str:
         lines.append(
             f"| {scheme} | {len(rows)} | {flagged} | {_p(min(r.p_value for r in rows))} | {listing} |"
         )
+    embedding_rows = report.independent.get("embmarker", [])
+    literal = [r.literal for r in embedding_rows if r.literal is not None]
+    if literal:
+        calibrated = [r.p_value for r in embedding_rows]
+        lines += [
+            "",
+            "Below 0.05 among these independent embedding models: "
+            f"{sum(p < 0.05 for p in literal)} of {len(literal)} by the literal EmbMarker KS "
+            f"test ({sum(p < 1e-3 for p in literal)} below 1e-3), "
+            f"{sum(p < 0.05 for p in calibrated)} by the calibrated test.",
+        ]
     lines += ["", "## Cost to legitimate users", "", "| measure | value |", "|---|---:|"]
     lines += [f"| {name} | {value:.4f} |" for name, value in report.costs.items()]
     return "\n".join(lines) + "\n"
