@@ -47,7 +47,7 @@ from sklearn.neighbors import KNeighborsRegressor
 
 from asgi_extraction_shield import ExtractionShield
 from asgi_extraction_shield.verify import verify
-from asgi_extraction_shield.watermark import parse_scheme
+from asgi_extraction_shield.watermark import VerifyResult, parse_scheme
 from asgi_extraction_shield.watermark.text import TextScheme, greedy_tokenizer
 from asgi_extraction_shield.watermark.words import WORDS
 from examples import openai_compatible as toy
@@ -80,6 +80,10 @@ class Row:
     probes: int
     literal: float | None = None
     """embmarker: the literal EmbMarker KS p-value (smallest over the directions)."""
+
+    @classmethod
+    def of(cls, what: str, budget: int, result: VerifyResult, literal: float | None = None) -> Row:
+        return cls(what, budget, result.p_value, result.statistic, result.probes, literal)
 
 
 @dataclass
@@ -210,15 +214,7 @@ def embedding_part(config: Config, report: Report) -> None:
             queries[:budget], answers[:budget]
         )
         result = verify("embmarker", copy, key=SECRET, probes=config.probes)
-        report.thieves.append(
-            Row(
-                "embmarker: ridge substitute",
-                budget,
-                result.p_value,
-                result.statistic,
-                result.probes,
-            )
-        )
+        report.thieves.append(Row.of("embmarker: ridge substitute", budget, result))
     # Independent models: each on its own seeded draw from a pool of unmarked answers.
     pool = sentences(np.random.default_rng(config.seed + 1), 2 * config.independent_budget)
     clean = embeddings(clean_app, pool)
@@ -230,8 +226,7 @@ def embedding_part(config: Config, report: Report) -> None:
         result = verify("embmarker", model, key=SECRET, probes=config.probes)
         name = f"{type(model.regressor).__name__}/{model.kind}"
         literal = min(d.get("ks_p_value", 1.0) for d in result.details["directions"])
-        budget = config.independent_budget
-        rows.append(Row(name, budget, result.p_value, result.statistic, result.probes, literal))
+        rows.append(Row.of(name, config.independent_budget, result, literal))
     report.independent["embmarker"] = rows
     marked = embeddings(marked_app, pool)
     cosine = (marked * clean).sum(axis=1)
@@ -334,15 +329,7 @@ def text_part(config: Config, report: Report) -> None:
                 continue  # the green list at one budget: enough to show what it gives
             model = NGram(order=2).fit(answers[:budget])
             result = verify(scheme, model, key=SECRET, probes=config.probes)
-            report.thieves.append(
-                Row(
-                    f"text ({label}): bigram imitation",
-                    budget,
-                    result.p_value,
-                    result.statistic,
-                    result.probes,
-                )
-            )
+            report.thieves.append(Row.of(f"text ({label}): bigram imitation", budget, result))
     pool = prompts(np.random.default_rng(config.seed + 200), 2 * config.independent_budget)
     clean = completions(clean_app, pool)
     rows = []
@@ -351,9 +338,7 @@ def text_part(config: Config, report: Report) -> None:
         model = _ngram_family(i).fit([clean[j] for j in own[: config.independent_budget]])
         result = verify(text_scheme(GREEN), model, key=SECRET, probes=config.probes)
         name = f"{model.order}-gram k={model.k} T={model.temperature}"
-        rows.append(
-            Row(name, config.independent_budget, result.p_value, result.statistic, result.probes)
-        )
+        rows.append(Row.of(name, config.independent_budget, result))
     report.independent["text"] = rows
     benign = pool[:500]
     marked = completions(shield("text"), benign)
