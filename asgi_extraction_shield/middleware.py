@@ -134,6 +134,8 @@ class ExtractionShield:
         )
         observe_outputs = getattr(self.monitor, "observe_outputs", None)
         watermarks = build_watermarks(settings, secret)
+        self.watermarks = watermarks
+        # The bound watermarks of WATERMARK (dawn keeps its records in its ``store``).
         self.postprocessor = postprocessor or build_postprocessor(
             settings,
             secret,

@@ -324,13 +324,14 @@ def verify(
         raise VerificationError(f"probes={probes!r}: expected at least 1")
     chosen = _scheme(scheme)
     wkey = watermark_key(key, chosen.name)
-    if isinstance(suspect, str | os.PathLike) and not str(suspect).startswith(
-        ("http://", "https://")
-    ):
+    if isinstance(suspect, os.PathLike) or (isinstance(suspect, str) and "://" not in suspect):
         inputs, answers = load_pairs(suspect)
         inputs, answers = inputs[:probes], answers[:probes]
         return chosen.test(wkey, inputs, read_answers(inputs, answers), alpha)
-    inputs = chosen.probes(wkey, probes, load_records(records))
+    try:
+        inputs = chosen.probes(wkey, probes, load_records(records))
+    except ValueError as exc:
+        raise VerificationError(str(exc)) from None
     if isinstance(suspect, str):
         client = HttpSuspect(suspect, format, headers, model=model)
         return chosen.test(wkey, inputs, client.ask(inputs), alpha)

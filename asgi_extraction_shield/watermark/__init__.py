@@ -17,6 +17,8 @@ import orjson
 from ..formats.base import ParsedRequest
 from ..postprocess.chain import parse_chain
 from .base import Scheme, VerifyResult, Watermark, watermark_key
+from .dawn import DAWN
+from .drw import DRW
 
 if TYPE_CHECKING:
     from ..settings import ShieldSettings
@@ -36,10 +38,10 @@ __all__ = [
 
 logger = logging.getLogger("asgi_extraction_shield")
 
-WATERMARKS: dict[str, type[Watermark]] = {}
+WATERMARKS: dict[str, type[Watermark]] = {DAWN.name: DAWN, DRW.name: DRW}
 """Watermark processors by name (the names ``WATERMARK`` accepts)."""
 
-SCHEMES: dict[str, type[Scheme]] = {}
+SCHEMES: dict[str, type[Scheme]] = {DAWN.name: DAWN, DRW.name: DRW}
 """Verifiers by name (the names ``verify --scheme`` accepts), built with the same
 parameters as the processor of that name."""
 

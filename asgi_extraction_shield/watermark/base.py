@@ -137,7 +137,8 @@ class Watermark(Processor):
 class Scheme(Protocol):
     """The verifier of one watermark, keyed by :func:`watermark_key` of its name."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def probes(self, key: bytes, n: int, records: Sequence[dict[str, Any]]) -> list[Any]:
         """Up to ``n`` inputs to send the suspect, as the API takes them: from ``records``
