@@ -17,16 +17,6 @@ def test_student_t_tail(t: float, df: int) -> None:
     assert pvalues.student_t_sf(t, df) == pytest.approx(stats.t.sf(t, df), rel=1e-9, abs=1e-300)
 
 
-@pytest.mark.parametrize(
-    ("k", "n", "p"),
-    [(0, 10, 0.3), (3, 10, 0.3), (60, 100, 0.5), (95, 100, 0.5), (200, 200, 1 / 3), (11, 10, 0.5)],
-)
-def test_binomial_tail(k: int, n: int, p: float) -> None:
-    assert pvalues.binomial_sf(k, n, p) == pytest.approx(
-        stats.binom.sf(k - 1, n, p), rel=1e-9, abs=1e-300
-    )
-
-
 def test_poisson_binomial_tail_matches_a_simulation_and_the_binomial() -> None:
     probabilities = [0.5] * 30 + [1 / 3] * 20
     rng = np.random.default_rng(0)

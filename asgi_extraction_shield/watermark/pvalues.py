@@ -3,8 +3,8 @@
 Every function returns an upper-tail probability that stays accurate far into the tail
 (down to ~1e-300), because a stolen model's evidence is a p-value like 1e-40 and its
 order of magnitude is the evidence. The regularised incomplete beta function is
-evaluated by Lentz's continued fraction (Numerical Recipes, 3rd ed., §6.4); Student's t,
-the binomial and the uniform-direction tails are written through it.
+evaluated by Lentz's continued fraction (Numerical Recipes, 3rd ed., §6.4); Student's t
+tail is written through it. (The plain binomial tail is :func:`.stats.binomial_sf`.)
 """
 
 from __future__ import annotations
@@ -72,15 +72,6 @@ def student_t_sf(t: float, df: float) -> float:
     x = df / (df + t * t)
     tail = 0.5 * betainc(df / 2.0, 0.5, x)
     return tail if t >= 0 else 1.0 - tail
-
-
-def binomial_sf(k: int, n: int, p: float) -> float:
-    """``P(X >= k)`` for ``X ~ Binomial(n, p)``."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    return betainc(float(k), float(n - k + 1), p)
 
 
 def _log_choose(n: int, k: int) -> float:
