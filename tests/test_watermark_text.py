@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import re
 from typing import Any
@@ -361,3 +362,32 @@ async def test_verify_detects_the_shielded_api_and_not_the_clean_one() -> None:
     found = verify("text", lambda inputs: marked[: len(inputs)], key=SECRET, probes=200)
     assert found.verdict and found.p_value < 1e-6 and found.probes == 200
     assert not verify("text", lambda inputs: clean[: len(inputs)], key=SECRET, probes=200).verdict
+
+
+def test_a_stream_goes_out_event_by_event_marked() -> None:
+    from starlette.datastructures import Headers
+
+    from asgi_extraction_shield.postprocess.chain import Context
+    from asgi_extraction_shield.postprocess.transform import OutputTransform
+
+    watermark = _bound("text")
+    body = {"messages": [{"role": "user", "content": "x"}], "stream": True}
+    request = _parse(body)
+    transform = OutputTransform(request, (watermark,), Context(b"k", "id", request), 1 << 20)
+    assert transform.accepts(200, Headers({"content-type": "text/event-stream"}))
+    pieces = [" the", " big", " cat", " ran", " very", " quick", "ly", ".", ""]
+    sent = []
+    for i, piece in enumerate(pieces):
+        choice: dict[str, Any] = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+        if i == len(pieces) - 1:
+            choice = {"index": 0, "delta": {}, "finish_reason": "stop"}
+        event = b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
+        out = transform.feed(event, more_body=True)
+        assert out.endswith(b"\n\n")  # every event goes out as it comes, never held whole
+        sent.append(json.loads(out[len(b"data: ") :])["choices"][0]["delta"].get("content", ""))
+    assert transform.feed(b"data: [DONE]\n\n", more_body=False) == b"data: [DONE]\n\n"
+    assert "".join(sent) == tx.mark(watermark.key, "".join(pieces))
+    # At most the trailing word of what came in waited for the next event.
+    for i in range(len(pieces)):
+        came, went = "".join(pieces[: i + 1]), "".join(sent[: i + 1])
+        assert len(re.findall("[A-Za-z]+", went)) >= len(re.findall("[A-Za-z]+", came)) - 1
