@@ -16,6 +16,8 @@ from .audit.cli import add_parser as add_audit_parser
 from .errors import ConfigurationError
 from .keys import generate_secret
 from .settings import ShieldSettings
+from .verify import DEFAULT_ALPHA, DEFAULT_PROBES, FORMATS, VerificationError, verify
+from .watermark import parse_watermarks
 
 
 def _settings(args: argparse.Namespace) -> int:
@@ -74,6 +76,51 @@ def _known_bad(path: str | None) -> list[str]:
         return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+def _scheme_spec(name: str, watermark: str) -> str:
+    """A bare scheme name takes its parameters from ``WATERMARK`` when it is there: the
+    verifier must look for the mark the shield made."""
+    if ":" in name or "=" in name:
+        return name
+    for configured in parse_watermarks(watermark):
+        if configured.name == name.strip().lower():
+            return repr(configured)
+    return name
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        settings = ShieldSettings()
+        key = args.key or (
+            settings.secret_key.get_secret_value() if settings.secret_key is not None else None
+        )
+        if not key:
+            raise VerificationError(
+                "no key: set EXTRACTION_SHIELD_SECRET_KEY (the shield's) or pass --key"
+            )
+        headers = {}
+        for header in args.header:
+            name, sep, value = header.partition(":")
+            if not sep or not name.strip():
+                raise VerificationError(f"--header {header!r}: expected 'Name: value'")
+            headers[name.strip()] = value.strip()
+        result = verify(
+            _scheme_spec(args.scheme, settings.watermark),
+            args.suspect,
+            key=key,
+            records=args.records,
+            alpha=args.alpha,
+            probes=args.probes,
+            format=args.format,
+            headers=headers,
+            model=args.model,
+        )
+    except (ConfigurationError, VerificationError) as exc:
+        print(f"extraction-shield verify: {exc}", file=sys.stderr)
+        return 2
+    print(result.to_json() if args.json else result.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extraction-shield", description="Model-extraction shield for ASGI model servers."
@@ -115,6 +162,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--json", action="store_true", help="machine-readable output")
     tune.set_defaults(run=_tune)
+    check = commands.add_parser(
+        "verify",
+        help="test a suspect model for one of the shield's watermarks (verdict and p-value)",
+        description="Ask a suspect (a URL of a compatible API, or a JSONL file of "
+        '{"input": ..., "output": ...} answers) and test its answers for a watermark, keyed '
+        "by EXTRACTION_SHIELD_SECRET_KEY. Exit status 0 whatever the verdict; 2 when the "
+        "verification cannot run.",
+    )
+    check.add_argument(
+        "--scheme",
+        required=True,
+        help="the watermark: 'dawn', 'drw' or 'name:param=value,...'; a bare name takes the "
+        "parameters EXTRACTION_SHIELD_WATERMARK gives it",
+    )
+    check.add_argument("--suspect", required=True, help="http(s) URL or JSONL path")
+    check.add_argument(
+        "--records",
+        help='JSONL of probe inputs ({"input": ...} per line): the queries dawn marked '
+        "(WATERMARK_RECORDS_PATH), or any inputs of the suspect's domain for drw",
+    )
+    check.add_argument("--key", help="the secret key (default: EXTRACTION_SHIELD_SECRET_KEY)")
+    check.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help=f"significance of the verdict (default {DEFAULT_ALPHA:g})",
+    )
+    check.add_argument(
+        "--probes",
+        type=int,
+        default=DEFAULT_PROBES,
+        help=f"most questions asked or answers read (default {DEFAULT_PROBES})",
+    )
+    check.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", *FORMATS),
+        help="the URL suspect's payload format (default: by its path)",
+    )
+    check.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a header sent to a URL suspect, e.g. 'Authorization: Bearer ...' (repeatable)",
+    )
+    check.add_argument("--model", default="", help="model name in OpenAI requests")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(run=_verify)
     return parser
 
 

@@ -48,6 +48,7 @@ from .responder import Responder, with_headers
 from .settings import ShieldOverrides, ShieldSettings
 from .storage import Storage, storage_from_url
 from .storage.redis_policy import RedisPolicy
+from .watermark import build_watermarks, rewrite_request
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -148,12 +149,18 @@ class ExtractionShield:
             else StaticPolicy()
         )
         observe_outputs = getattr(self.monitor, "observe_outputs", None)
+        watermarks = build_watermarks(settings, secret)
+        self.watermarks = watermarks
+        # The bound watermarks of WATERMARK (dawn keeps its records in its ``store``).
         self.postprocessor = postprocessor or build_postprocessor(
             settings,
             secret,
             observe_outputs,
             graded=isinstance(self.policy, (GradedPolicy, RedisPolicy)),
+            watermarks=watermarks,
         )
+        # Watermarks that change the request itself (a keyed logit_bias, say).
+        self._request_marks = tuple(w for w in watermarks if w.rewrites_requests)
         # Fast path: with neither monitor nor policy, only the limiter runs.
         self._graded = not isinstance(self.monitor, NullMonitor) or risk_policy is not None
         self.identities.with_network = self._graded  # only the monitor's pools use it
@@ -391,7 +398,12 @@ class ExtractionShield:
             )
             if transform is not None:
                 transform = metrics.timed(transform)
-        return self._rate_headers(decision), transform, request.upstream_body
+        upstream = request.upstream_body
+        if self._request_marks and request.parsed:
+            upstream = (
+                rewrite_request(self._request_marks, request, upstream or buffered.body) or upstream
+            )
+        return self._rate_headers(decision), transform, upstream
 
     async def _grade(
         self, identity: Identity, request: ParsedRequest, before: Action, path: str

@@ -31,6 +31,7 @@ from .identity import parse_networks, parse_sources
 from .limiter import Rate
 from .monitor.risk import SignalRule
 from .postprocess.chain import parse_chain
+from .watermark import parse_watermarks
 
 ENV_PREFIX = "EXTRACTION_SHIELD_"
 
@@ -397,6 +398,18 @@ class ShieldSettings(BaseSettings):
         description="Post-processor chain applied to model outputs, e.g. 'top_k:5,round:3' "
         "or 'reverse_sigmoid:beta=1,gamma=0.2'; 'none' leaves outputs unchanged.",
     )
+    watermark: str = Field(
+        "none",
+        description="Watermarks applied to every answer after the perturbation chain, e.g. "
+        "'drw:k=16,eps=0.2' or 'dawn:rate=0.02'; 'none' marks nothing. "
+        "Verify a suspect with `extraction-shield verify`.",
+    )
+    watermark_records_path: str = Field(
+        "",
+        description="JSONL file where record-keeping watermarks (dawn) append the queries "
+        "they marked, one object per line with the 'input' (for `verify --records`); "
+        "empty: kept in memory only.",
+    )
     max_response_bytes: int = Field(
         32 * 1024 * 1024,
         ge=0,
@@ -516,6 +529,12 @@ class ShieldSettings(BaseSettings):
         parse_chain(value)
         return value
 
+    @field_validator("watermark")
+    @classmethod
+    def _check_watermark(cls, value: str) -> str:
+        parse_watermarks(value)
+        return value
+
     @property
     def rate(self) -> Rate:
         return Rate.parse(self.rate_limit)
@@ -572,6 +591,8 @@ class ShieldOverrides(TypedDict, total=False):
     strict: bool
     distribution_cost: float
     perturbation: str
+    watermark: str
+    watermark_records_path: str
     max_response_bytes: int
     metrics: bool
     metrics_path: str

@@ -83,6 +83,8 @@ class KServeV1:
             doc[field] = write_like(predictions, outputs.probabilities)
         elif outputs.scores is not None:
             doc[field] = write_like(predictions, outputs.scores)
+        elif outputs.labels is not None and len(outputs.labels) == len(predictions):
+            doc[field] = [int(v) for v in outputs.labels.tolist()]
         return doc
 
 

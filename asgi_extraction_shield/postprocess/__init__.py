@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..keys import derive_key
@@ -11,6 +12,7 @@ from .transform import ChainPostProcessor, Observer, OutputTransform
 
 if TYPE_CHECKING:
     from ..settings import ShieldSettings
+    from ..watermark.base import Watermark
 
 __all__ = [
     "Chain",
@@ -31,16 +33,23 @@ def build_postprocessor(
     observer: Observer | None = None,
     *,
     graded: bool = False,
+    watermarks: Sequence[Watermark] | None = None,
 ) -> ChainPostProcessor | None:
     """The post-processor of ``PERTURBATION`` and, with a graded policy, of the degraded
-    levels; ``observer`` sees every parsed answer (the monitor's margins). ``None`` when
-    there is nothing to do."""
-    chain = parse_chain(settings.perturbation)
+    levels, each followed by the watermarks (built from ``WATERMARK`` unless given);
+    ``observer`` sees every parsed answer (the monitor's margins). ``None`` when there is
+    nothing to do."""
+    if watermarks is None:
+        from ..watermark import build_watermarks
+
+        watermarks = build_watermarks(settings, secret)
+    marks = tuple(watermarks)
+    chain = parse_chain(settings.perturbation) + marks
     chains: dict[str, Chain] = {}
     if graded:
-        stronger = parse_chain(settings.policy.throttle_perturbation)
+        stronger = parse_chain(settings.policy.throttle_perturbation) + marks
         chains = {
-            "degrade": parse_chain(settings.policy.degrade_perturbation),
+            "degrade": parse_chain(settings.policy.degrade_perturbation) + marks,
             "throttle": stronger,
             "block": stronger,
         }

@@ -10,14 +10,14 @@ item continues it, so ``reverse_sigmoid:beta=1,gamma=0.2`` is one item.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar, overload
 
 import numpy as np
 from numpy.typing import NDArray
 
-from ..formats.base import Outputs
+from ..formats.base import Outputs, ParsedRequest
 from . import perturb
 from .keyed import row_seeds
 
@@ -25,10 +25,15 @@ from .keyed import row_seeds
 @dataclass(slots=True)
 class Context:
     """What a processor may key its randomness on: the secret-derived key, the rows'
-    canonical inputs (in ``Outputs.keys``) and the identity's hashed key."""
+    canonical inputs (in ``Outputs.keys``) and the identity's hashed key; ``request`` is
+    what the shield understood of the request (its raw ``inputs``, ``features`` and
+    ``texts``), for watermarks that key on the input itself or record it. ``state`` is
+    the processors' scratch space for one response (a stream's pieces share it)."""
 
     key: bytes
     identity: str = ""
+    request: ParsedRequest | None = None
+    state: dict[Any, Any] = field(default_factory=dict)
 
     def seeds(self, outputs: Outputs, salt: bytes) -> NDArray[np.uint64]:
         """One seed per row of ``outputs``, separated by ``salt`` (one per processor)."""
@@ -222,18 +227,26 @@ PROCESSORS: dict[str, type[Processor]] = {
 
 Chain = tuple[Processor, ...]
 
+P = TypeVar("P")
 
-def parse_chain(text: str) -> Chain:
-    """Parse a chain spec; ``""`` or ``none`` is the empty chain. Raises ``ValueError``."""
+
+@overload
+def parse_chain(text: str) -> Chain: ...
+
+
+@overload
+def parse_chain(text: str, registry: Mapping[str, type[P]]) -> tuple[P, ...]: ...
+
+
+def parse_chain(text: str, registry: Mapping[str, type[Any]] | None = None) -> tuple[Any, ...]:
+    """Parse a chain spec of the processors in ``registry`` (default: the perturbations);
+    ``""`` or ``none`` is the empty chain. Raises ``ValueError``."""
+    known: Mapping[str, type[Any]] = PROCESSORS if registry is None else registry
     items: list[tuple[str, list[str]]] = []
     for raw in (part.strip() for part in text.split(",")):
         if not raw:
             continue
-        if (
-            "=" in raw
-            and ":" not in raw.split("=", 1)[0]
-            and raw.split("=", 1)[0] not in PROCESSORS
-        ):
+        if "=" in raw and ":" not in raw.split("=", 1)[0] and raw.split("=", 1)[0] not in known:
             if not items:
                 raise ValueError(f"{raw!r} is a parameter without a processor before it")
             items[-1][1].append(raw)
@@ -242,14 +255,14 @@ def parse_chain(text: str) -> Chain:
         items.append((name.strip().lower(), [a.strip() for a in args.split(":")] if args else []))
     if len(items) == 1 and items[0][0] == "none" and not items[0][1]:
         return ()
-    return tuple(_build(name, args) for name, args in items)
+    return tuple(_build(name, args, known) for name, args in items)
 
 
-def _build(name: str, args: list[str]) -> Processor:
-    cls = PROCESSORS.get(name)
+def _build(name: str, args: list[str], registry: Mapping[str, type[Any]]) -> Any:
+    cls = registry.get(name)
     if cls is None:
         raise ValueError(
-            f"{name!r} is not a post-processor: expected one of {', '.join(sorted(PROCESSORS))} "
+            f"{name!r} is not a post-processor: expected one of {', '.join(sorted(registry))} "
             "(or 'none')"
         )
     kwargs: dict[str, Any] = {}

@@ -175,5 +175,5 @@ class ChainPostProcessor:
             return None
         observe = None if observer is None else partial(observer, identity)
         return OutputTransform(
-            request, chain, Context(self.key, identity.key), self.max_bytes, observe
+            request, chain, Context(self.key, identity.key, request), self.max_bytes, observe
         )

@@ -1,0 +1,138 @@
+"""DRW: a keyed periodic signal in the probabilities (Zhao et al., "Distillation-Resistant
+Watermarking", EMNLP Findings 2022; GINSEW, ACL 2023, is its generative sibling).
+
+Each input gets a keyed phase ``t ∈ (0, 1)`` (:func:`~.projection.phase`); a keyed target
+class ``c*`` receives a sinusoid of angular frequency ``k`` and amplitude ``ε``:
+
+    p̃_c = (p_c + ε_c (1 + cos(k·t + φ_c))) / (1 + 2ε),
+    ε_c = ε, φ_c = 0 for c*;   ε_c = ε / (K − 1), φ_c = π for the others.
+
+Rows stay on the simplex. A substitute trained on such rows (soft labels) learns the
+signal with the rest; verification probes the suspect with any inputs of its domain,
+pairs each phase with the suspect's probability of ``c*`` and measures the
+Lomb–Scargle power at ``k`` against the power at the other frequencies. Nothing needs to
+be recorded.
+
+Cost to legitimate users: every probability moves by at most ``2ε / (1 + 2ε)`` (0.29 at
+ε = 0.2; the bound the tests hold), and the top label changes only where the top-1 margin
+is below that (measured in the extraction lab).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..formats.base import Outputs
+from ..postprocess.chain import Context
+from .base import VerifyResult, Watermark
+from .projection import answered, directions, keyed_index, phase
+from .stats import calibrated_tail, lomb_scargle
+
+Rows = NDArray[np.float64]
+
+
+def signal(p: Rows, t: NDArray[np.float64], target: int, k: float, eps: float) -> Rows:
+    """DRW's rows (module docstring) for probability rows ``p`` and phases ``t``."""
+    n_classes = p.shape[1]
+    wave = np.cos(k * t)
+    bonus = np.empty_like(p)
+    bonus[:] = (eps / (n_classes - 1)) * (1.0 - wave)[:, None]  # cos(kt + π) = −cos(kt)
+    bonus[:, target] = eps * (1.0 + wave)
+    out: Rows = (p + bonus) / (1.0 + 2.0 * eps)
+    return out
+
+
+def frequencies(k: float) -> NDArray[np.float64]:
+    """The periodogram's grid: ``k`` first, then the rest from 2 to 4k (step 0.5),
+    leaving out the main lobe around ``k`` (±2π, the resolution over a unit range)."""
+    grid = np.arange(2.0, 4.0 * k + 8.0, 0.5)
+    rest = grid[np.abs(grid - k) > 2.0 * np.pi]
+    out: NDArray[np.float64] = np.concatenate([[k], rest])
+    return out
+
+
+def snr(t: NDArray[np.float64], y: NDArray[np.float64], k: float) -> float:
+    """Power at ``k`` over the mean power at the other frequencies (``y`` centred)."""
+    if len(y) < 3 or float(np.ptp(y)) == 0.0:
+        return 0.0
+    power = lomb_scargle(t, y, frequencies(k))
+    rest = float(power[1:].mean())
+    return float(power[0] / rest) if rest > 0 else 0.0
+
+
+def statistic(t: NDArray[np.float64], p: Rows, target: int, k: float) -> float:
+    """DRW's test statistic on a suspect's rows ``p`` at phases ``t``: the SNR at ``k`` of
+    the target class's probability, over the probes whose top class is another, centred
+    within each top class. Any model's probability of a class depends on which class the
+    input looks like, and the phase (a projection of the input) does too: that shared
+    structure, not a watermark, would otherwise put power at low frequencies for
+    independent models. Within one top class it is flat, and the signal is what is left."""
+    top = np.argmax(p, axis=1)
+    keep = top != target
+    y = p[keep, target].copy()
+    groups = top[keep]
+    for c in np.unique(groups):
+        members = groups == c
+        y[members] -= y[members].mean()
+    return snr(t[keep], y, k)
+
+
+class DRW(Watermark):
+    name = "drw"
+    params: ClassVar[dict[str, type]] = {"k": float, "eps": float, "nulls": int}
+
+    def __init__(self, k: float = 16.0, eps: float = 0.2, nulls: int = 200) -> None:
+        if not 1.0 <= k <= 1000.0:
+            raise ValueError("drw: k (angular frequency) must be between 1 and 1000")
+        if not 0.0 < eps <= 1.0:
+            raise ValueError("drw: eps must be in (0, 1]")
+        if not 10 <= nulls <= 100_000:
+            raise ValueError(
+                "drw: nulls (random keys of the verifier's null) must be in [10, 100000]"
+            )
+        self.k, self.eps, self.nulls = k, eps, nulls
+
+    # -- marking ------------------------------------------------------------------------------
+
+    def apply(self, outputs: Outputs, ctx: Context) -> bool:
+        p = outputs.probabilities
+        request = ctx.request
+        if p is None or p.shape[1] < 2 or request is None or request.keys != outputs.keys:
+            return False
+        x = directions(request.inputs)
+        if x is None:
+            return False
+        target = keyed_index(self.key, "target", p.shape[1])
+        outputs.probabilities = signal(p, phase(x, self.key), target, self.k, self.eps)
+        return True
+
+    # -- verification -------------------------------------------------------------------------
+
+    def probes(self, key: bytes, n: int, records: Sequence[dict[str, Any]]) -> list[Any]:
+        inputs = [r["input"] for r in records][:n]
+        if not inputs:
+            raise ValueError(
+                "drw probes with inputs of the suspect's domain: give a JSONL file of "
+                '{"input": ...} lines (records), or a JSONL suspect of answers'
+            )
+        return inputs
+
+    def test(
+        self, key: bytes, inputs: Sequence[Any], outputs: Sequence[Outputs], alpha: float
+    ) -> VerifyResult:
+        usable = answered(inputs, outputs, lambda out: out.probabilities)
+        if usable is None or usable[2].ndim != 2 or usable[2].shape[1] < 2:
+            return VerifyResult.decide(self.name, 0.0, 1.0, 0, alpha, reason="no probability rows")
+        _, x, p = usable
+        p = p.astype(np.float64)
+
+        def of_key(k: bytes) -> float:
+            return statistic(phase(x, k), p, keyed_index(k, "target", p.shape[1]), self.k)
+
+        observed = of_key(key)
+        p_value, details = calibrated_tail(observed, key, of_key, self.nulls)
+        return VerifyResult.decide(self.name, observed, p_value, len(x), alpha, k=self.k, **details)

@@ -1,0 +1,130 @@
+"""Keyed projections of inputs: where a query lies, as the watermarks see it.
+
+A watermark must answer alike for inputs that a substitute model cannot tell apart, or
+the mark does not survive training (a wrong label on one exact input is outvoted by its
+correctly answered neighbours). So the marks key on *where* an input lies, not on its
+bytes: each input becomes a direction ``x̃`` (numeric rows centred on their own mean and
+scaled to unit norm, so brightness and contrast changes map alike; texts hashed into
+words and character 3-grams), and keyed Gaussian directions ``w`` project it:
+``z = ⟨w, x̃⟩``, which is N(0, 1) over keys for any fixed input. DRW's phase is
+``Φ(z)``; DAWN's regions are cells of a keyed, offset grid over a few projections.
+Inputs that are neither numeric rows nor texts have no position (``None``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..formats.base import Outputs, numeric_rows
+from ..monitor.features import Featurizer
+
+Matrix = NDArray[np.float64]
+
+TEXT_DIM = 256
+"""Width of the hashed text features."""
+
+
+def _seed(key: bytes, label: bytes) -> int:
+    digest = hashlib.blake2b(label, key=key[:64], digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def keyed_gaussian(key: bytes, label: str, shape: tuple[int, ...]) -> Matrix:
+    """Standard normals of ``shape``, a pure function of ``(key, label, shape)``."""
+    tag = f"{label}:{'x'.join(map(str, shape))}".encode()
+    out: Matrix = np.random.default_rng(_seed(key, tag)).standard_normal(shape)
+    return out
+
+
+def keyed_uniform(key: bytes, label: str, size: int) -> Matrix:
+    """Uniforms in [0, 1) of ``size``, a pure function of ``(key, label, size)``."""
+    tag = f"{label}:{size}".encode()
+    out: Matrix = np.random.default_rng(_seed(key, tag)).random(size)
+    return out
+
+
+def keyed_index(key: bytes, label: str, n: int) -> int:
+    """One keyed integer in ``[0, n)``."""
+    return _seed(key, label.encode()) % n
+
+
+_TEXTS = Featurizer(b"asgi_extraction_shield/watermark-text", TEXT_DIM)
+"""Text hashing need not be secret: the keyed projections that follow are."""
+
+
+def directions(items: Sequence[Any]) -> Matrix | None:
+    """``(n, d)`` unit directions of the inputs, or ``None`` when they are not all numeric
+    rows of one width or all texts. A constant numeric row (no direction) maps to zeros."""
+    rows = numeric_rows(list(items))
+    if rows is None:
+        if not items or not all(isinstance(item, str) for item in items):
+            return None
+        return _TEXTS.texts(list(items))
+    if rows.shape[1] < 2:
+        return None
+    centred = rows - rows.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    out: Matrix = np.divide(centred, norms, out=np.zeros_like(centred), where=norms > 0)
+    return out
+
+
+def projections(x: Matrix, key: bytes, label: str, m: int) -> Matrix:
+    """``(n, m)`` keyed projections ``⟨w_j, x̃⟩`` of unit directions ``x``."""
+    w = keyed_gaussian(key, label, (x.shape[1], m))
+    out: Matrix = x @ w
+    return out
+
+
+def phase(x: Matrix, key: bytes) -> NDArray[np.float64]:
+    """DRW's keyed phase ``t = Φ(⟨w, x̃⟩)`` in (0, 1) of each unit direction."""
+    z = projections(x, key, "phase", 1)[:, 0]
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    out: NDArray[np.float64] = 0.5 * (1.0 + erf(z / math.sqrt(2.0)))
+    return out
+
+
+def cells(x: Matrix, key: bytes, dims: int, width: float) -> list[bytes]:
+    """DAWN's keyed regions: ``floor(⟨w_j, x̃⟩ / width + u_j)`` for ``dims`` keyed
+    directions and offsets, as bytes (the same cell, the same bytes)."""
+    z = projections(x, key, "cells", dims)
+    offsets = keyed_uniform(key, "offsets", dims)
+    grid = np.floor(z / width + offsets).astype(np.int64)
+    return [row.tobytes() for row in grid]
+
+
+def answered(
+    inputs: Sequence[Any],
+    outputs: Sequence[Outputs],
+    pick: Callable[[Outputs], NDArray[Any] | None],
+) -> tuple[list[int], Matrix, NDArray[Any]] | None:
+    """The probes a verifier can use: those answered with exactly one row of what ``pick``
+    takes from an answer (probabilities, labels), with a direction; rows and directions of
+    the most common widths. Returns (probe indices, directions, rows), or ``None``."""
+    rows: list[tuple[int, NDArray[Any]]] = []
+    for i, out in enumerate(outputs[: len(inputs)]):
+        values = pick(out)
+        if values is not None and values.ndim >= 1 and len(values) == 1:
+            rows.append((i, values[0]))
+    together = directions([inputs[i] for i, _ in rows]) if rows else None
+    found: list[tuple[int, Matrix, NDArray[Any]]] = []
+    for j, (i, values) in enumerate(rows):
+        x = together[j : j + 1] if together is not None else directions([inputs[i]])
+        if x is not None:
+            found.append((i, x[0], values))
+    if not found:
+        return None
+    d = Counter(len(x) for _, x, _ in found).most_common(1)[0][0]
+    shape = Counter(np.shape(v) for _, x, v in found if len(x) == d).most_common(1)[0][0]
+    kept = [(i, x, v) for i, x, v in found if len(x) == d and np.shape(v) == shape]
+    return (
+        [i for i, _, _ in kept],
+        np.asarray([x for _, x, _ in kept], dtype=np.float64),
+        np.asarray([v for _, _, v in kept]),
+    )

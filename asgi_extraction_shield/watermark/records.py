@@ -1,0 +1,103 @@
+"""Where record-keeping watermarks keep the queries they marked.
+
+In memory, per identity, bounded (the most recent ``per_identity`` records of at most
+``max_identities`` identities, least recently marked forgotten first); and, when a path
+is set (``WATERMARK_RECORDS_PATH``), appended to a JSONL file, one object per line with
+at least ``input`` (the query as the API took it), which ``extraction-shield verify
+--records`` reads. A file that cannot be written never fails a request: the error is
+logged (as a ``storage_error`` line, at most once a minute) and the memory copy is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+logger = logging.getLogger("asgi_extraction_shield")
+
+ERROR_LOG_INTERVAL = 60.0
+
+
+class RecordStore:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        per_identity: int = 1_000,
+        max_identities: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if per_identity < 1 or max_identities < 1:
+            raise ValueError("records: per_identity and max_identities must be at least 1")
+        self.path = Path(path) if path else None
+        self.per_identity = per_identity
+        self.max_identities = max_identities
+        self.write_errors = 0
+        self._clock = clock
+        self._last_error_log = -float("inf")
+        self._by_identity: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+
+    def add(self, identity: str, records: Iterable[dict[str, Any]]) -> None:
+        batch = list(records)
+        if not batch:
+            return
+        kept = self._by_identity.pop(identity, None)
+        if kept is None:
+            kept = deque(maxlen=self.per_identity)
+            while len(self._by_identity) >= self.max_identities:
+                self._by_identity.popitem(last=False)
+        kept.extend(batch)
+        self._by_identity[identity] = kept
+        if self.path is not None:
+            self._append(batch)
+
+    def records(self, identity: str | None = None) -> list[dict[str, Any]]:
+        """The records in memory, of one identity (its hashed key) or of all."""
+        if identity is not None:
+            return list(self._by_identity.get(identity, ()))
+        return [r for kept in self._by_identity.values() for r in kept]
+
+    def identities(self) -> list[str]:
+        return list(self._by_identity)
+
+    def export(self, path: str | Path, identity: str | None = None) -> int:
+        """Write the records in memory to a JSONL file; the number written."""
+        rows = self.records(identity)
+        with Path(path).open("wb") as out:
+            for row in rows:
+                out.write(_line(row))
+        return len(rows)
+
+    def _append(self, batch: list[dict[str, Any]]) -> None:
+        assert self.path is not None
+        try:
+            data = b"".join(_line(row) for row in batch)
+            with self.path.open("ab") as out:
+                out.write(data)
+        except (OSError, TypeError, orjson.JSONEncodeError) as exc:
+            self.write_errors += 1
+            now = self._clock()
+            if now - self._last_error_log >= ERROR_LOG_INTERVAL:
+                self._last_error_log = now
+                logger.error(
+                    json.dumps(
+                        {
+                            "kind": "storage_error",
+                            "signals": {
+                                "what": "watermark records",
+                                "error": type(exc).__name__,
+                                "errors": self.write_errors,
+                            },
+                        }
+                    )
+                )
+
+
+def _line(row: dict[str, Any]) -> bytes:
+    return orjson.dumps(row) + b"\n"

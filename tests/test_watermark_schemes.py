@@ -1,0 +1,360 @@
+"""The classifier watermarks: DRW (periodic signal in probabilities) and DAWN (keyed wrong
+labels over keyed regions), their statistics against known formulas and distributions,
+the cost they put on answers, their calibration under the null, key separation, and
+their verifiers' robustness to hostile answers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from scipy import signal as scipy_signal
+from scipy import stats
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from asgi_extraction_shield import ExtractionShield, ShieldSettings
+from asgi_extraction_shield.formats.base import Outputs, batch_request, canonical_keys
+from asgi_extraction_shield.formats.kserve_v1 import KServeV1
+from asgi_extraction_shield.postprocess.chain import Context
+from asgi_extraction_shield.verify import verify
+from asgi_extraction_shield.watermark import build_watermarks, parse_watermarks, watermark_key
+from asgi_extraction_shield.watermark.dawn import DAWN
+from asgi_extraction_shield.watermark.drw import DRW, signal
+from asgi_extraction_shield.watermark.projection import cells, directions, phase
+from asgi_extraction_shield.watermark.records import RecordStore
+from asgi_extraction_shield.watermark.stats import binomial_sf, lomb_scargle
+
+from .conftest import SECRET
+
+RNG = np.random.default_rng(7)
+CENTRES = RNG.normal(0.0, 1.0, (5, 16))
+WEIGHTS = RNG.normal(0.0, 1.0, (16, 5))
+
+
+def blobs(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return CENTRES[rng.integers(0, 5, n)] + rng.normal(0.0, 0.6, (n, 16))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def model(x: np.ndarray, weights: np.ndarray = WEIGHTS) -> np.ndarray:
+    """An "independent" classifier of the blobs."""
+    return softmax(np.asarray(x) @ weights)
+
+
+def shielded(watermark: Any, x: np.ndarray, identity: str = "id") -> Outputs:
+    """What the watermark makes of ``model(x)``, through the chain's ``Context``."""
+    items = x.tolist()
+    request = batch_request(KServeV1(), items)
+    outputs = Outputs(request.keys, probabilities=model(x))
+    watermark.apply(outputs, Context(b"unused", identity, request))
+    return outputs
+
+
+def one_by_one(p: np.ndarray) -> list[Outputs]:
+    return [Outputs([b""], probabilities=p[i : i + 1]) for i in range(len(p))]
+
+
+def bound(*specs: str, secret: str = SECRET) -> Any:
+    (watermark,) = build_watermarks(ShieldSettings(watermark=",".join(specs)), secret.encode())
+    return watermark
+
+
+# -- statistics against references -----------------------------------------------------------
+
+
+def test_lomb_scargle_matches_scipy() -> None:
+    rng = np.random.default_rng(1)
+    t = np.sort(rng.random(300))
+    y = np.cos(16 * t + 0.3) + rng.normal(0, 0.5, 300)
+    y -= y.mean()
+    omegas = np.linspace(1.0, 60.0, 97)
+    np.testing.assert_allclose(
+        lomb_scargle(t, y, omegas), scipy_signal.lombscargle(t, y, omegas), rtol=1e-9, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "p"),
+    [(0, 10, 0.1), (3, 10, 0.1), (7, 40, 0.1), (25, 60, 0.5), (60, 60, 0.1), (5, 4, 0.3)],
+)
+def test_binomial_tail_matches_scipy(k: int, n: int, p: float) -> None:
+    expected = float(stats.binom.sf(k - 1, n, p))
+    assert math.isclose(binomial_sf(k, n, p), expected, rel_tol=1e-9, abs_tol=1e-300)
+
+
+# -- DRW -------------------------------------------------------------------------------------
+
+
+def test_drw_formula_simplex_and_cost_bound() -> None:
+    rng = np.random.default_rng(2)
+    p = softmax(rng.normal(0, 3, (2000, 7)))
+    t = rng.random(2000)
+    eps = 0.2
+    q = signal(p, t, 3, 16.0, eps)
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=1e-12)
+    assert q.min() >= 0
+    expected_target = (p[:, 3] + eps * (1 + np.cos(16 * t))) / (1 + 2 * eps)
+    np.testing.assert_allclose(q[:, 3], expected_target)
+    other = (p[:, 0] + eps / 6 * (1 + np.cos(16 * t + np.pi))) / (1 + 2 * eps)
+    np.testing.assert_allclose(q[:, 0], other)
+    change = np.abs(q - p).max()
+    assert change <= 2 * eps / (1 + 2 * eps) + 1e-12
+    assert change > 0.9 * 2 * eps / (1 + 2 * eps)  # the documented bound is tight
+
+
+def test_drw_marks_rows_deterministically_and_per_key() -> None:
+    x = blobs(64, 3)
+    drw = bound("drw")
+    a = shielded(drw, x).probabilities
+    assert a is not None
+    np.testing.assert_array_equal(a, shielded(drw, x).probabilities)
+    np.testing.assert_allclose(a.sum(axis=1), 1.0, atol=1e-12)
+    other = shielded(bound("drw", secret=SECRET + "2"), x).probabilities
+    assert not np.allclose(a, other)
+    # Each row depends on its own input only (batch composition does not matter).
+    np.testing.assert_allclose(shielded(drw, x[:5]).probabilities, a[:5])
+
+
+def test_drw_phase_ignores_brightness_and_contrast() -> None:
+    x = blobs(20, 4)
+    key = watermark_key(SECRET, "drw")
+    dx = directions(x)
+    assert dx is not None
+    t = phase(dx, key)
+    t2 = phase(directions(3.0 * x + 5.0), key)  # type: ignore[arg-type]
+    np.testing.assert_allclose(t, t2)
+    assert t.min() > 0 and t.max() < 1
+
+
+def test_drw_detects_a_copy_and_not_with_a_wrong_key() -> None:
+    drw = bound("drw:nulls=100")
+    x = blobs(600, 5)
+    copied = shielded(drw, x).probabilities
+    assert copied is not None
+    key = watermark_key(SECRET, "drw")
+    result = drw.test(key, x.tolist(), one_by_one(copied), 1e-3)
+    assert result.verdict and result.p_value < 1e-6 and result.probes == 600
+    wrong = drw.test(watermark_key(SECRET + "x", "drw"), x.tolist(), one_by_one(copied), 1e-3)
+    assert not wrong.verdict
+
+
+def test_drw_p_values_are_uniform_for_independent_models() -> None:
+    x = blobs(200, 6)
+    answers = one_by_one(model(x))
+    drw = DRW(nulls=50)
+    p_values = [
+        drw.test(watermark_key(f"{SECRET}-{i}", "drw"), x.tolist(), answers, 1e-3).p_value
+        for i in range(40)
+    ]
+    assert stats.kstest(p_values, "uniform").pvalue > 0.01
+    assert min(p_values) > 1e-4
+
+
+# -- DAWN ------------------------------------------------------------------------------------
+
+
+def test_dawn_changes_about_rate_of_answers_and_keeps_rows_valid() -> None:
+    rate = 0.05
+    dawn = bound(f"dawn:rate={rate}:dims=6:width=0.1")
+    x = np.random.default_rng(8).normal(0, 1, (4000, 16))
+    before = model(x)
+    after = shielded(dawn, x).probabilities
+    assert after is not None
+    # Rows are permutations of themselves: still distributions, same values.
+    np.testing.assert_allclose(np.sort(after, axis=1), np.sort(before, axis=1))
+    changed = (after.argmax(axis=1) != before.argmax(axis=1)).mean()
+    expected = rate * (1 - 1 / 5)
+    sd = math.sqrt(expected / len(x))
+    assert abs(changed - expected) < 5 * sd + 0.01  # regions hold a few inputs each
+    marked = dawn.store.records("id")
+    assert len(marked) == len({canonical_keys([r["input"]], None)[0] for r in marked})
+    assert {r["identity"] for r in marked} == {"id"}
+    for record in marked[:20]:
+        i = x.tolist().index(record["input"])
+        assert after[i].argmax() == record["label"]
+
+
+def test_dawn_regions_map_near_duplicates_alike() -> None:
+    key = watermark_key(SECRET, "dawn")
+    x = blobs(300, 9)
+    near = x * 1.05 + 0.01  # brightness and contrast
+    a, b = cells(directions(x), key, 4, 0.5), cells(directions(near), key, 4, 0.5)  # type: ignore[arg-type]
+    assert sum(u == v for u, v in zip(a, b, strict=True)) >= 0.95 * len(a)
+
+
+def test_dawn_marks_label_answers() -> None:
+    dawn = bound("dawn:rate=0.5:classes=5")
+    x = blobs(200, 10)
+    request = batch_request(KServeV1(), x.tolist())
+    labels = model(x).argmax(axis=1)
+    outputs = Outputs(request.keys, labels=labels.copy())
+    assert dawn.apply(outputs, Context(b"", "id", request))
+    assert outputs.labels is not None and (outputs.labels != labels).any()
+    assert outputs.labels.min() >= 0 and outputs.labels.max() < 5
+
+
+def test_dawn_detects_a_copy_and_not_with_a_wrong_key() -> None:
+    dawn = bound("dawn:rate=0.2")
+    x = blobs(2000, 11)
+    copied = shielded(dawn, x).probabilities
+    records = dawn.store.records()
+    key = watermark_key(SECRET, "dawn")
+    probes = dawn.probes(key, 10_000, records)
+    index = {tuple(v): i for i, v in enumerate(x.tolist())}
+    answers = [Outputs([b""], probabilities=copied[index[tuple(p)]][None]) for p in probes]
+    result = dawn.test(key, probes, answers, 1e-3)
+    assert result.verdict and result.p_value < 1e-6
+    assert result.details["agreeing"] == result.details["regions"]
+    wrong = dawn.test(watermark_key(SECRET + "x", "dawn"), probes, answers, 1e-3)
+    assert not wrong.verdict
+
+
+def test_dawn_null_is_exact_binomial() -> None:
+    """For a model that never saw the marks, P(p <= a) <= a at every level a."""
+    x = blobs(1000, 12)
+    answers = one_by_one(model(x))
+    dawn = DAWN(rate=0.1)
+    p_values = np.array(
+        [
+            dawn.test(watermark_key(f"{SECRET}-{i}", "dawn"), x.tolist(), answers, 1e-3).p_value
+            for i in range(200)
+        ]
+    )
+    for a in (0.01, 0.05, 0.2, 0.5):
+        assert (p_values <= a).mean() <= a + 3 * math.sqrt(a / 200)
+    assert (p_values <= 0.5).mean() > 0.2  # not degenerate at 1
+
+
+def test_records_are_bounded_and_written(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    store = RecordStore(path, per_identity=3, max_identities=2)
+    store.add("a", [{"input": i} for i in range(5)])
+    store.add("b", [{"input": "b"}])
+    store.add("c", [{"input": "c"}])  # evicts "a", the least recently marked
+    assert store.identities() == ["b", "c"]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["input"] for r in lines] == [0, 1, 2, 3, 4, "b", "c"]
+    store.add("b", [{"input": 1}, {"input": 2}, {"input": 3}])
+    assert [r["input"] for r in store.records("b")] == [1, 2, 3]
+    assert store.export(tmp_path / "out.jsonl") == 4
+
+
+def test_records_survive_an_unwritable_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = [0.0]
+    store = RecordStore(tmp_path, clock=lambda: clock[0])  # a directory: not writable as a file
+    with caplog.at_level(logging.ERROR, "asgi_extraction_shield"):
+        store.add("a", [{"input": 1}])
+        store.add("a", [{"input": 2}])
+        clock[0] = 61.0
+        store.add("a", [{"input": 3}])
+    assert store.write_errors == 3 and len(store.records("a")) == 3
+    logged = [json.loads(r.getMessage()) for r in caplog.records]
+    assert [e["kind"] for e in logged] == ["storage_error", "storage_error"]  # once a minute
+
+
+# -- hostile answers -------------------------------------------------------------------------
+
+HOSTILE: list[Any] = [
+    Outputs([]),
+    Outputs([b""], probabilities=np.zeros((0, 3))),
+    Outputs([b""], probabilities=np.full((1, 3), np.nan)),
+    Outputs([b""], probabilities=np.ones((2, 4)) / 4),
+    Outputs([b""], probabilities=np.ones((1, 1))),
+    Outputs([b""], labels=np.array([10**12])),
+    Outputs([b""], labels=np.array([-5])),
+    Outputs([b""], embeddings=np.ones((1, 8))),
+]
+
+
+@pytest.mark.parametrize("scheme", ["drw:nulls=10", "dawn:rate=0.5"])
+def test_verifiers_survive_hostile_answers(scheme: str) -> None:
+    (verifier,) = parse_watermarks(scheme)
+    inputs: list[Any] = [
+        [1.0, 2.0],
+        "text",
+        None,
+        {"a": 1},
+        [],
+        [float("inf")],
+        [1.0] * 3,
+        "é" * 5000,
+    ]
+    key = watermark_key(SECRET, verifier.name)
+    for answers in (HOSTILE, HOSTILE[:2], []):
+        result = verifier.test(key, inputs, answers, 1e-3)
+        assert 0 <= result.p_value <= 1 and not result.verdict
+
+
+# -- through the middleware ------------------------------------------------------------------
+
+
+def digits_app() -> Starlette:
+    async def predict(request: Request) -> JSONResponse:
+        doc = await request.json()
+        return JSONResponse({"predictions": model(np.asarray(doc["instances"])).tolist()})
+
+    async def labels(request: Request) -> JSONResponse:
+        doc = await request.json()
+        top = model(np.asarray(doc["instances"])).argmax(axis=1)
+        return JSONResponse({"predictions": top.tolist()})
+
+    return Starlette(
+        routes=[
+            Route("/v1/models/m:predict", predict, methods=["POST"]),
+            Route("/v1/models/labels:predict", labels, methods=["POST"]),
+        ]
+    )
+
+
+@pytest.mark.anyio
+async def test_shielded_api_is_marked_and_verifiable(tmp_path: Path) -> None:
+    records = tmp_path / "marked.jsonl"
+    app = ExtractionShield(
+        digits_app(),
+        secret_key=SECRET,
+        watermark="drw:nulls=50,dawn:rate=0.2",
+        watermark_records_path=str(records),
+        rate_limit="100000/minute",
+        monitor={"enabled": False},
+    )
+    x = blobs(400, 13)
+    answers: list[Any] = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for start in range(0, 400, 100):
+            r = await c.post(
+                "/v1/models/m:predict", json={"instances": x[start : start + 100].tolist()}
+            )
+            answers += r.json()["predictions"]
+        labelled = await c.post("/v1/models/labels:predict", json={"instances": x[:100].tolist()})
+    rows = np.asarray(answers)
+    np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-6)
+    assert all(isinstance(v, int) for v in labelled.json()["predictions"])
+    assert records.exists() and len(records.read_text().splitlines()) >= 20
+
+    def api(inputs: list[Any]) -> list[Any]:
+        index = {tuple(v): i for i, v in enumerate(x.tolist())}
+        return [answers[index[tuple(item)]] for item in inputs]
+
+    for scheme, extra in (
+        ("drw:nulls=50", {"records": [{"input": v} for v in x.tolist()]}),
+        ("dawn:rate=0.2", {"records": records}),
+    ):
+        result = verify(scheme, api, key=SECRET, **extra)  # type: ignore[arg-type]
+        assert result.verdict and result.p_value < 1e-6, result
