@@ -10,10 +10,11 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import IO
 
 from . import __version__
 from .audit.cli import add_parser as add_audit_parser
-from .errors import ConfigurationError
+from .errors import ConfigurationError, StorageError
 from .keys import generate_secret
 from .settings import ShieldSettings
 from .verify import DEFAULT_ALPHA, DEFAULT_PROBES, FORMATS, VerificationError, verify
@@ -38,6 +39,44 @@ def _settings(args: argparse.Namespace) -> int:
 def _keygen(args: argparse.Namespace) -> int:
     key = generate_secret()
     print(json.dumps({"secret_key": key}) if args.json else key)
+    return 0
+
+
+def _records(args: argparse.Namespace) -> int:
+    """Export the watermark records kept on Redis as JSONL."""
+    import asyncio
+
+    from .storage.redis import RedisStorage
+    from .storage.redis_records import export_records
+
+    async def export(out: IO[bytes]) -> int:
+        settings = ShieldSettings()
+        url = args.storage_url or settings.storage_url
+        if not url.startswith(RedisStorage.schemes):
+            raise ConfigurationError(
+                f"EXTRACTION_SHIELD_STORAGE_URL={url.split('@')[-1]!r}: records are kept on "
+                "Redis only (redis:// or rediss://); without Redis they are in the file of "
+                "EXTRACTION_SHIELD_WATERMARK_RECORDS_PATH"
+            )
+        storage = RedisStorage(url, prefix=settings.redis_prefix, timeout=args.timeout)
+        try:
+            return await export_records(storage, out, args.identity)
+        finally:
+            await storage.close()
+
+    try:
+        if args.out == "-":
+            count = asyncio.run(export(sys.stdout.buffer))
+        else:
+            with open(args.out, "wb") as out:
+                count = asyncio.run(export(out))
+    except (ConfigurationError, OSError, StorageError) as exc:
+        print(f"extraction-shield records: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # redis-py's own errors (refused connection, auth, ...)
+        print(f"extraction-shield records: Redis: {exc!r}", file=sys.stderr)
+        return 2
+    print(f"{count} records written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -136,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--json", action="store_true", help="machine-readable output")
     keygen.set_defaults(run=_keygen)
     add_audit_parser(commands)
+    records = commands.add_parser(
+        "records",
+        help="export the watermark records kept on Redis as JSONL (for verify --records)",
+    )
+    records.add_argument(
+        "--out", default="-", help="the JSONL file to write (default: standard output)"
+    )
+    records.add_argument("--identity", help="only this identity's records (its hash)")
+    records.add_argument(
+        "--storage-url", help="the Redis URL (default: EXTRACTION_SHIELD_STORAGE_URL)"
+    )
+    records.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds per Redis call (default 5)"
+    )
+    records.set_defaults(run=_records)
     from .tune import __doc__ as tune_doc
 
     tune = commands.add_parser(

@@ -48,6 +48,7 @@ from .responder import Responder, with_headers
 from .settings import ShieldOverrides, ShieldSettings
 from .storage import Storage, storage_from_url
 from .storage.redis_policy import RedisPolicy
+from .storage.redis_records import attach_record_sink
 from .watermark import build_watermarks, rewrite_request
 
 if TYPE_CHECKING:
@@ -151,7 +152,11 @@ class ExtractionShield:
         observe_outputs = getattr(self.monitor, "observe_outputs", None)
         watermarks = build_watermarks(settings, secret)
         self.watermarks = watermarks
-        # The bound watermarks of WATERMARK (dawn keeps its records in its ``store``).
+        # The bound watermarks of WATERMARK (dawn keeps its records in its ``store``); on
+        # Redis their records also go there, gathered from every worker and replica.
+        self.record_sinks = [
+            sink for sink in (attach_record_sink(w, self.storage) for w in watermarks) if sink
+        ]
         self.postprocessor = postprocessor or build_postprocessor(
             settings,
             secret,
@@ -251,6 +256,8 @@ class ExtractionShield:
         async def send_after_closing(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 try:
+                    for sink in self.record_sinks:  # records still on their way to Redis
+                        await sink.flush()
                     await self.storage.close()
                 except Exception:
                     logger.exception("closing the storage on shutdown failed")

@@ -4,8 +4,10 @@ In memory, per identity, bounded (the most recent ``per_identity`` records of at
 ``max_identities`` identities, least recently marked forgotten first); and, when a path
 is set (``WATERMARK_RECORDS_PATH``), appended to a JSONL file, one object per line with
 at least ``input`` (the query as the API took it), which ``extraction-shield verify
---records`` reads. A file that cannot be written never fails a request: the error is
-logged (as a ``storage_error`` line, at most once a minute) and the memory copy is kept.
+--records`` reads; on Redis, also to a list per identity (:mod:`..storage.redis_records`,
+exported by ``extraction-shield records``). A file that cannot be written never fails a
+request: the error is logged (as a ``storage_error`` line, at most once a minute) and the
+memory copy is kept.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 logger = logging.getLogger("asgi_extraction_shield")
 
 ERROR_LOG_INTERVAL = 60.0
+
+
+class RecordSink(Protocol):
+    def add(self, identity: str, records: list[dict[str, Any]]) -> None:
+        """Take the records of ``identity``; never raises, never blocks."""
+        ...
 
 
 class RecordStore:
@@ -42,6 +50,8 @@ class RecordStore:
         self._clock = clock
         self._last_error_log = -float("inf")
         self._by_identity: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self.sink: RecordSink | None = None
+        """Where records also go, e.g. Redis (:mod:`..storage.redis_records`)."""
 
     def add(self, identity: str, records: Iterable[dict[str, Any]]) -> None:
         batch = list(records)
@@ -56,6 +66,8 @@ class RecordStore:
         self._by_identity[identity] = kept
         if self.path is not None:
             self._append(batch)
+        if self.sink is not None:
+            self.sink.add(identity, batch)
 
     def records(self, identity: str | None = None) -> list[dict[str, Any]]:
         """The records in memory, of one identity (its hashed key) or of all."""
