@@ -71,6 +71,28 @@ class ShieldEvent:
         return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
 
 
+class OccasionalErrorLog:
+    """``storage_error`` lines of a background writer (records to a file or to Redis), at
+    most one per ``interval`` seconds, each with the running count: an outage is reported
+    without a line per failed write."""
+
+    def __init__(
+        self, what: str, interval: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.what = what
+        self.interval = interval
+        self.clock = clock
+        self._last = -float("inf")
+
+    def report(self, **signals: Any) -> None:
+        now = self.clock()
+        if now - self._last >= self.interval:
+            self._last = now
+            logger.error(
+                json.dumps({"kind": "storage_error", "signals": {"what": self.what, **signals}})
+            )
+
+
 class EventEmitter:
     """Logs events and forwards them to ``on_event``; a failing hook never fails a request."""
 

@@ -16,8 +16,6 @@ fails or finds Redis unavailable is counted, logged at most once a minute, and d
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import IO, Any
@@ -25,12 +23,10 @@ from typing import IO, Any
 import orjson
 
 from ..errors import StorageError
+from ..events import OccasionalErrorLog
 from .base import Storage
 from .redis import RedisStorage, Script
 
-logger = logging.getLogger("asgi_extraction_shield")
-
-ERROR_LOG_INTERVAL = 60.0
 SUFFIX = ":wm"
 CHUNK = 500
 """Records per script call (Lua's ``unpack`` has a stack limit)."""
@@ -67,8 +63,7 @@ class RedisRecordSink:
         self.written = 0
         self.dropped = 0
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: tasks are weak
-        self._clock = clock
-        self._last_error_log = -float("inf")
+        self._errors = OccasionalErrorLog("watermark records on Redis", clock=clock)
 
     def key(self, identity: str) -> str:
         return f"{{{self.storage.prefix}:{identity}}}{SUFFIX}"
@@ -110,21 +105,7 @@ class RedisRecordSink:
 
     def _dropped(self, count: int, why: str) -> None:
         self.dropped += count
-        now = self._clock()
-        if now - self._last_error_log >= ERROR_LOG_INTERVAL:
-            self._last_error_log = now
-            logger.error(
-                json.dumps(
-                    {
-                        "kind": "storage_error",
-                        "signals": {
-                            "what": "watermark records on Redis",
-                            "error": why,
-                            "dropped": self.dropped,
-                        },
-                    }
-                )
-            )
+        self._errors.report(error=why, dropped=self.dropped)
 
 
 def attach_record_sink(watermark: Any, storage: Storage) -> RedisRecordSink | None:

@@ -12,8 +12,6 @@ memory copy is kept.
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -22,9 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
-logger = logging.getLogger("asgi_extraction_shield")
-
-ERROR_LOG_INTERVAL = 60.0
+from ..events import OccasionalErrorLog
 
 
 class RecordSink(Protocol):
@@ -47,8 +43,7 @@ class RecordStore:
         self.per_identity = per_identity
         self.max_identities = max_identities
         self.write_errors = 0
-        self._clock = clock
-        self._last_error_log = -float("inf")
+        self._errors = OccasionalErrorLog("watermark records", clock=clock)
         self._by_identity: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
         self.sink: RecordSink | None = None
         """Where records also go, e.g. Redis (:mod:`..storage.redis_records`)."""
@@ -94,21 +89,7 @@ class RecordStore:
                 out.write(data)
         except (OSError, TypeError, orjson.JSONEncodeError) as exc:
             self.write_errors += 1
-            now = self._clock()
-            if now - self._last_error_log >= ERROR_LOG_INTERVAL:
-                self._last_error_log = now
-                logger.error(
-                    json.dumps(
-                        {
-                            "kind": "storage_error",
-                            "signals": {
-                                "what": "watermark records",
-                                "error": type(exc).__name__,
-                                "errors": self.write_errors,
-                            },
-                        }
-                    )
-                )
+            self._errors.report(error=type(exc).__name__, errors=self.write_errors)
 
 
 def _line(row: dict[str, Any]) -> bytes:
