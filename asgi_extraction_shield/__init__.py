@@ -7,6 +7,7 @@ environment variables (see :class:`ShieldSettings`).
 from .errors import ConfigurationError, ShieldError, StorageError
 from .events import ShieldEvent
 from .identity import Identity
+from .introspection import IdentityState, ShieldHandle
 from .limiter import Decision, Rate
 from .middleware import ExtractionShield
 from .settings import ShieldSettings
@@ -18,9 +19,11 @@ __all__ = [
     "Decision",
     "ExtractionShield",
     "Identity",
+    "IdentityState",
     "Rate",
     "ShieldError",
     "ShieldEvent",
+    "ShieldHandle",
     "ShieldSettings",
     "StorageError",
     "__version__",

@@ -10,9 +10,11 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import IO
 
 from . import __version__
-from .errors import ConfigurationError
+from .audit.cli import add_parser as add_audit_parser
+from .errors import ConfigurationError, StorageError
 from .keys import generate_secret
 from .settings import ShieldSettings
 from .verify import DEFAULT_ALPHA, DEFAULT_PROBES, FORMATS, VerificationError, verify
@@ -38,6 +40,79 @@ def _keygen(args: argparse.Namespace) -> int:
     key = generate_secret()
     print(json.dumps({"secret_key": key}) if args.json else key)
     return 0
+
+
+def _records(args: argparse.Namespace) -> int:
+    """Export the watermark records kept on Redis as JSONL."""
+    import asyncio
+
+    from .storage.redis import RedisStorage
+    from .storage.redis_records import export_records
+
+    async def export(out: IO[bytes]) -> int:
+        settings = ShieldSettings()
+        url = args.storage_url or settings.storage_url
+        if not url.startswith(RedisStorage.schemes):
+            raise ConfigurationError(
+                f"EXTRACTION_SHIELD_STORAGE_URL={url.split('@')[-1]!r}: records are kept on "
+                "Redis only (redis:// or rediss://); without Redis they are in the file of "
+                "EXTRACTION_SHIELD_WATERMARK_RECORDS_PATH"
+            )
+        storage = RedisStorage(url, prefix=settings.redis_prefix, timeout=args.timeout)
+        try:
+            return await export_records(storage, out, args.identity)
+        finally:
+            await storage.close()
+
+    try:
+        if args.out == "-":
+            count = asyncio.run(export(sys.stdout.buffer))
+        else:
+            with open(args.out, "wb") as out:
+                count = asyncio.run(export(out))
+    except (ConfigurationError, OSError, StorageError) as exc:
+        print(f"extraction-shield records: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # redis-py's own errors (refused connection, auth, ...)
+        print(f"extraction-shield records: Redis: {exc!r}", file=sys.stderr)
+        return 2
+    print(f"{count} records written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .policy import LEVELS
+    from .settings import SIGNALS
+    from .tune import parse_events, render, tune
+
+    try:
+        settings = ShieldSettings()  # the thresholds in force, to compare with
+        known_bad = _known_bad(args.known_bad)
+        with open(args.events, encoding="utf-8", errors="replace") as lines:
+            policy, rules = settings.policy, settings.monitor.rules()
+            result = tune(
+                parse_events(lines),
+                target_fpr=args.target_fpr,
+                current_levels={level: getattr(policy, level) for level in LEVELS[1:]},
+                current_rules={name: rules[name] for name in SIGNALS},
+                min_queries=settings.monitor.min_queries,
+                known_bad=known_bad,
+                margin=args.margin,
+                hysteresis=policy.hysteresis,
+            )
+    except (ConfigurationError, OSError, ValueError) as exc:
+        print(f"extraction-shield tune: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
+    return 0
+
+
+def _known_bad(path: str | None) -> list[str]:
+    """Identity hashes, one a line (blank lines and ``#`` comments skipped)."""
+    if path is None:
+        return []
+    with open(path, encoding="utf-8") as lines:
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def _scheme_spec(name: str, watermark: str) -> str:
@@ -99,6 +174,48 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("keygen", help="print a new random EXTRACTION_SHIELD_SECRET_KEY")
     keygen.add_argument("--json", action="store_true", help="machine-readable output")
     keygen.set_defaults(run=_keygen)
+    add_audit_parser(commands)
+    records = commands.add_parser(
+        "records",
+        help="export the watermark records kept on Redis as JSONL (for verify --records)",
+    )
+    records.add_argument(
+        "--out", default="-", help="the JSONL file to write (default: standard output)"
+    )
+    records.add_argument("--identity", help="only this identity's records (its hash)")
+    records.add_argument(
+        "--storage-url", help="the Redis URL (default: EXTRACTION_SHIELD_STORAGE_URL)"
+    )
+    records.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds per Redis call (default 5)"
+    )
+    records.set_defaults(run=_records)
+    from .tune import __doc__ as tune_doc
+
+    tune = commands.add_parser(
+        "tune",
+        help="suggest thresholds for a target false-positive rate from a shadow event log",
+        description=(tune_doc or "").split("**Assumption.**")[-1].strip().replace("``", "'"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune.add_argument("--events", required=True, help="the shield's JSON event log (one a line)")
+    tune.add_argument(
+        "--target-fpr",
+        type=float,
+        default=0.01,
+        help="share of benign identities allowed to reach 'degrade' (default 0.01)",
+    )
+    tune.add_argument(
+        "--known-bad", help="a file of identity hashes known to be attackers, one a line"
+    )
+    tune.add_argument(
+        "--margin",
+        type=float,
+        default=0.02,
+        help="how far above the last tolerated benign peak a threshold goes (default 0.02)",
+    )
+    tune.add_argument("--json", action="store_true", help="machine-readable output")
+    tune.set_defaults(run=_tune)
     check = commands.add_parser(
         "verify",
         help="test a suspect model for one of the shield's watermarks (verdict and p-value)",

@@ -14,11 +14,22 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .monitor.base import Assessment
 
 logger = logging.getLogger("asgi_extraction_shield")
 
-EventKind = Literal["rate_limited", "level_changed", "blocked", "storage_error", "internal_error"]
+EventKind = Literal[
+    "rate_limited",
+    "level_changed",
+    "blocked",
+    "storage_error",
+    "internal_error",
+    "assessed",
+    "lifted",
+]
 OnEvent = Callable[["ShieldEvent"], Awaitable[None] | None]
 
 _LEVELS: dict[str, int] = {
@@ -27,6 +38,8 @@ _LEVELS: dict[str, int] = {
     "blocked": logging.WARNING,
     "storage_error": logging.ERROR,
     "internal_error": logging.ERROR,
+    "assessed": logging.INFO,
+    "lifted": logging.WARNING,
 }
 
 
@@ -58,6 +71,28 @@ class ShieldEvent:
         return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
 
 
+class OccasionalErrorLog:
+    """``storage_error`` lines of a background writer (records to a file or to Redis), at
+    most one per ``interval`` seconds, each with the running count: an outage is reported
+    without a line per failed write."""
+
+    def __init__(
+        self, what: str, interval: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.what = what
+        self.interval = interval
+        self.clock = clock
+        self._last = -float("inf")
+
+    def report(self, **signals: Any) -> None:
+        now = self.clock()
+        if now - self._last >= self.interval:
+            self._last = now
+            logger.error(
+                json.dumps({"kind": "storage_error", "signals": {"what": self.what, **signals}})
+            )
+
+
 class EventEmitter:
     """Logs events and forwards them to ``on_event``; a failing hook never fails a request."""
 
@@ -78,3 +113,38 @@ class EventEmitter:
         except Exception:
             self.hook_errors += 1
             logger.exception("on_event hook failed for a %s event", event.kind)
+
+
+class AssessedSampler:
+    """When to emit ``assessed`` events (``ASSESSED_INTERVAL``): for each identity, one at
+    its first assessment, then at most one per ``interval`` seconds carrying the riskiest
+    assessment since the previous one, so a peak between two events is not lost (only the
+    peak of an identity's last interval before it goes quiet is). At most
+    ``max_identities`` identities are followed; the longest unreported is dropped first.
+    """
+
+    def __init__(
+        self, interval: float, clock: Callable[[], float], max_identities: int = 100_000
+    ) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.max_identities = max_identities
+        self._due: dict[str, tuple[float, Assessment | None]] = {}
+
+    def offer(self, key: str, assessment: Assessment) -> Assessment | None:
+        """The assessment to report now for ``key``, or ``None`` when it is not due."""
+        now = self.clock()
+        entry = self._due.get(key)
+        if entry is not None:
+            due, peak = entry
+            if peak is None or assessment.risk >= peak.risk:
+                peak = assessment
+            if now < due:
+                self._due[key] = (due, peak)
+                return None
+            assessment = peak
+            del self._due[key]  # re-inserted last: the dict's order is the order of reports
+        elif len(self._due) >= self.max_identities:
+            del self._due[next(iter(self._due))]
+        self._due[key] = (now + self.interval, None)
+        return assessment

@@ -31,6 +31,8 @@ Identify = Callable[[Scope], str | Awaitable[str | None] | None]
 ProxyHeader = Literal["x-forwarded-for", "forwarded"]
 
 ANONYMOUS_KEY = "anonymous"
+HASHED_KEY = re.compile(r"^(?:(?:header|bearer|ip|custom):[0-9a-f]{24}|anonymous)$")
+"""What :meth:`IdentityResolver.hash` produces (and the shared anonymous identity)."""
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP field name (RFC 9110 token)
 
 
@@ -235,6 +237,22 @@ class IdentityResolver:
         hasher = self._hasher.copy()  # cheaper than re-keying BLAKE2b per request
         hasher.update(f"{source}\x00{value}".encode("utf-8", "surrogatepass"))
         return f"{source}:{hasher.hexdigest()}"
+
+    def keys_for(self, value: str) -> list[str]:
+        """The hashed keys a raw identifying value (an API key, a token, an address) has
+        under each configured source, in their order: what introspection looks up."""
+        keys: list[str] = []
+        if self.identify is not None:
+            keys.append(self.hash("custom", value))
+        for kind, arg in self.sources:
+            if kind == "ip":
+                ip = parse_ip(value)
+                if ip is not None:
+                    network = _aggregate(ip, self.ipv4_prefix, self.ipv6_prefix)
+                    keys.append(self.hash("ip", str(network)))
+            else:
+                keys.append(self.hash(kind, value if kind == "bearer" else f"{arg}:{value}"))
+        return keys
 
     def network(self, scope: Scope) -> IPNetwork | None:
         if not self.proxies.trusted:  # the peer is the client: cache by its address string

@@ -132,6 +132,10 @@ class Limiter:
             raise ValueError("cost must be non-negative")
         return self.storage.acquire(key, cost, self._interval, self.burst, self.clock())
 
+    def peek(self, key: str) -> Awaitable[Decision]:
+        """The state of ``key``'s bucket now, without charging it (for introspection)."""
+        return self.storage.peek(key, self._interval, self.burst, self.clock())
+
     def policy_header(self) -> str:
         """``RateLimit-Policy`` value (IETF httpapi ratelimit-headers, structured-field form)."""
         return f'"default";q={self.rate.count};w={max(1, math.ceil(self.rate.period))}'

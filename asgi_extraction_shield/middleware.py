@@ -14,14 +14,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import translate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from typing_extensions import Unpack
 
+from .admin import AdminRoute
 from .body import BufferedBody, read_body, with_body_length
 from .errors import ConfigurationError, StorageError
-from .events import EventEmitter, OnEvent, ShieldEvent
+from .events import AssessedSampler, EventEmitter, EventKind, OnEvent, ShieldEvent
 from .formats import build_adapter
 from .formats.base import ParsedRequest, RequestAdapter
 from .identity import (
@@ -33,10 +34,12 @@ from .identity import (
     parse_networks,
     parse_sources,
 )
+from .introspection import IdentityState, Inspector, ShieldHandle
 from .keys import resolve_secret
 from .limiter import Clock, Decision, Limiter, rate_limit_header, retry_after_seconds
+from .metrics import ShieldMetrics
 from .monitor import build_monitor
-from .monitor.base import Monitor, NullMonitor
+from .monitor.base import Assessment, Monitor, NullMonitor
 from .policy import NORMAL, Action, GradedPolicy, Policy, StaticPolicy, build_policy
 from .postprocess import build_postprocessor
 from .postprocess.base import PostProcessor, ResponseTransform
@@ -44,7 +47,12 @@ from .problem import ABNORMAL_USAGE, QUOTA_EXCEEDED, send_problem
 from .responder import Responder, with_headers
 from .settings import ShieldOverrides, ShieldSettings
 from .storage import Storage, storage_from_url
+from .storage.redis_policy import RedisPolicy
+from .storage.redis_records import attach_record_sink
 from .watermark import build_watermarks, rewrite_request
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 logger = logging.getLogger("asgi_extraction_shield")
 
@@ -78,6 +86,9 @@ class ExtractionShield:
     value (hashed before use) or ``None`` to fall through to the configured sources.
     ``clock``, ``storage``, ``adapter``, ``query_monitor``, ``risk_policy`` and ``postprocessor``
     replace the components that settings would build (for tests and extensions).
+    ``metrics_registry`` (a prometheus-client ``CollectorRegistry``) receives the metrics
+    and turns them on (as ``METRICS=true`` does, with the default registry); ``handle``, a
+    :class:`~.introspection.ShieldHandle`, is bound to this instance once it is built.
     """
 
     def __init__(
@@ -93,6 +104,8 @@ class ExtractionShield:
         query_monitor: Monitor | None = None,
         risk_policy: Policy | None = None,
         postprocessor: PostProcessor | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+        handle: ShieldHandle | None = None,
         **overrides: Unpack[ShieldOverrides],
     ) -> None:
         self.app = app
@@ -127,20 +140,28 @@ class ExtractionShield:
         self._identify = identify
         self.limiter = Limiter(self.storage, settings.rate, settings.burst, clock)
         self.adapter: RequestAdapter = adapter or build_adapter(settings)
-        built = build_monitor(settings, secret, clock) if query_monitor is None else None
+        built = (
+            build_monitor(settings, secret, clock, self.storage) if query_monitor is None else None
+        )
         self.monitor: Monitor = query_monitor or built or NullMonitor()
         self.policy: Policy = risk_policy or (
-            build_policy(settings.policy, clock) if built is not None else StaticPolicy()
+            build_policy(settings.policy, clock, self.storage)
+            if built is not None
+            else StaticPolicy()
         )
         observe_outputs = getattr(self.monitor, "observe_outputs", None)
         watermarks = build_watermarks(settings, secret)
         self.watermarks = watermarks
-        # The bound watermarks of WATERMARK (dawn keeps its records in its ``store``).
+        # The bound watermarks of WATERMARK (dawn keeps its records in its ``store``); on
+        # Redis their records also go there, gathered from every worker and replica.
+        self.record_sinks = [
+            sink for sink in (attach_record_sink(w, self.storage) for w in watermarks) if sink
+        ]
         self.postprocessor = postprocessor or build_postprocessor(
             settings,
             secret,
             observe_outputs,
-            graded=isinstance(self.policy, GradedPolicy),
+            graded=isinstance(self.policy, (GradedPolicy, RedisPolicy)),
             watermarks=watermarks,
         )
         # Watermarks that change the request itself (a keyed logit_bias, say).
@@ -148,8 +169,32 @@ class ExtractionShield:
         # Fast path: with neither monitor nor policy, only the limiter runs.
         self._graded = not isinstance(self.monitor, NullMonitor) or risk_policy is not None
         self.identities.with_network = self._graded  # only the monitor's pools use it
+        policy = self.policy
+        self._charge = (
+            policy.admit
+            if self._graded and isinstance(policy, RedisPolicy) and policy.storage is self.storage
+            else None
+        )
         self.events = EventEmitter(on_event)
         self.internal_errors = 0
+        self.metrics: ShieldMetrics | None = None
+        if settings.metrics or metrics_registry is not None:
+            self.metrics = ShieldMetrics(
+                metrics_registry,
+                protected_paths=settings.protected_paths,
+                level_counts=getattr(self.policy, "level_counts", None),
+            )
+        self._assessed = (
+            AssessedSampler(settings.assessed_interval, clock, settings.max_identities)
+            if settings.assessed_interval > 0 and self._graded
+            else None
+        )
+        self.inspector = Inspector(
+            self.identities, self.policy, self.monitor, self.limiter, self._lifted
+        )
+        self._endpoints = self._build_endpoints(settings)
+        if handle is not None:
+            handle.bind(self)
 
         self._exempt_exact = frozenset(settings.exempt_paths)
         self._exempt_glob = _glob(settings.exempt_paths)
@@ -163,6 +208,37 @@ class ExtractionShield:
         self._strict = settings.strict
         self._headers = self.enforce and settings.expose_headers
         self._policy_header = (b"ratelimit-policy", self.limiter.policy_header().encode())
+
+    def _build_endpoints(self, settings: ShieldSettings) -> dict[str, ASGIApp] | None:
+        """The shield's own routes (metrics, admin), served before anything else."""
+        endpoints: dict[str, ASGIApp] = {}
+        if self.metrics is not None and settings.metrics_path:
+            endpoints[settings.metrics_path] = self.metrics.app()
+        self._admin = None
+        if settings.admin_token is not None:
+            self._admin = AdminRoute(
+                settings.admin_path, settings.admin_token.get_secret_value(), self.inspector
+            )
+        return endpoints if endpoints or self._admin is not None else None
+
+    def _endpoint(self, path: str) -> ASGIApp | None:
+        assert self._endpoints is not None
+        endpoint = self._endpoints.get(path)
+        if endpoint is None and self._admin is not None and self._admin.serves(path):
+            return self._admin
+        return endpoint
+
+    async def inspect(self, who: str) -> IdentityState:
+        """What the shield knows of ``who``: an identity hash (as events show it) or a raw
+        API key, token or address (hashed, never kept). See :mod:`.introspection`."""
+        return await self.inspector.inspect(who)
+
+    async def lift(self, who: str) -> list[str]:
+        """Forget ``who``'s level, risk, block and monitor history; the keys lifted."""
+        return await self.inspector.lift(who)
+
+    async def _lifted(self, key: str) -> None:
+        await self._report(ShieldEvent(kind="lifted", identity=key, shadow=not self.enforce))
 
     def is_protected(self, path: str) -> bool:
         if path in self._exempt_exact:
@@ -180,6 +256,8 @@ class ExtractionShield:
         async def send_after_closing(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 try:
+                    for sink in self.record_sinks:  # records still on their way to Redis
+                        await sink.flush()
                     await self.storage.close()
                 except Exception:
                     logger.exception("closing the storage on shutdown failed")
@@ -188,6 +266,11 @@ class ExtractionShield:
         return send_after_closing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._endpoints is not None and scope["type"] == "http":
+            endpoint = self._endpoint(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
         if (
             scope["type"] != "http"
             or scope["path"] in self._exempt_exact  # the fast path: one set lookup
@@ -200,6 +283,8 @@ class ExtractionShield:
 
         buffered = await read_body(scope, receive, self._max_body)
         if buffered.too_large and self.enforce:
+            if self.metrics is not None:
+                self.metrics.decided("refused")
             await send_problem(
                 send,
                 413,
@@ -225,6 +310,8 @@ class ExtractionShield:
                 )
             return
         if isinstance(outcome, _Refusal):
+            if self.metrics is not None:
+                self.metrics.refused(outcome.type_)
             headers = outcome.headers
             if outcome.retry_after:
                 headers.append((b"retry-after", str(outcome.retry_after).encode()))
@@ -251,6 +338,7 @@ class ExtractionShield:
             if self._identify is None
             else await self.identities.resolve(scope)
         )
+        metrics = self.metrics
         if identity is None:
             if self._reject_anonymous:
                 return _Refusal(
@@ -265,12 +353,18 @@ class ExtractionShield:
             if buffered.complete
             else ParsedRequest(problem="the body was not read whole")
         )
+        if metrics is not None:
+            metrics.examined(path, request)
         if self.enforce and (
             request.refusal is not None or (self._strict and not request.parsed and request.problem)
         ):
             detail = request.refusal or f"The request body could not be parsed: {request.problem}."
             return _Refusal(400, "about:blank", "Bad Request", detail)
-        action = await self.policy.current(identity) if self._graded else NORMAL
+        charged: Decision | None = None
+        if self._charge is not None:  # policy and limiter on one Redis: one round-trip
+            action, charged = await self._charge(identity, request.cost, self.limiter, self.enforce)
+        else:
+            action = await self.policy.current(identity) if self._graded else NORMAL
         if action.block_seconds > 0 and self.enforce:
             # Blocked already (the ``blocked`` event went out when the block began).
             return self._abnormal_refusal(action)
@@ -279,8 +373,10 @@ class ExtractionShield:
             if action.cost_multiplier == 1.0
             else math.ceil(request.cost * action.cost_multiplier)
         )
-        decision = await self.limiter.acquire(identity.key, cost)
-        if decision.degraded:  # a shared storage was unreachable: decided in this process
+        decision = (
+            charged if charged is not None else await self.limiter.acquire(identity.key, cost)
+        )
+        if decision.degraded or action.degraded:  # shared state unreachable: decided here
             await self._emit("storage_error", identity, action, path, fallback="memory")
         if not decision.allowed:
             await self._emit(
@@ -292,11 +388,23 @@ class ExtractionShield:
             refusal, action = await self._grade(identity, request, action, path)
             if refusal is not None:
                 return refusal
+        # Shadow mode grades and reports but never degrades answers: the level's chain is
+        # enforcement, so answers get what a client at the normal level gets.
         transform = (
-            self.postprocessor.transform_for(identity, request, action)
+            self.postprocessor.transform_for(identity, request, action if self.enforce else NORMAL)
             if self.postprocessor is not None
             else None
         )
+        if metrics is not None:  # refusals are counted by __call__; in shadow mode, none is made
+            metrics.decided(
+                "blocked"
+                if action.block_seconds > 0
+                else "allowed"
+                if decision.allowed
+                else "rate_limited"
+            )
+            if transform is not None:
+                transform = metrics.timed(transform)
         upstream = request.upstream_body
         if self._request_marks and request.parsed:
             upstream = (
@@ -310,11 +418,22 @@ class ExtractionShield:
         """Monitor and policy: the identity's new action, and a refusal if it is blocked."""
         assessment = await self.monitor.observe_request(identity, request)
         action = await self.policy.update(identity, assessment)
-        if action.level != before.level:
-            await self._emit("level_changed", identity, action, path, previous=before.level)
+        if self.metrics is not None:
+            self.metrics.risk.observe(assessment.risk)
+        if self._assessed is not None:
+            peak = self._assessed.offer(identity.key, assessment)
+            if peak is not None:
+                await self._emit("assessed", identity, action, path, assessment=peak)
+        # A shared policy says what the level was just before this update: another process
+        # may have changed it since ``before``, and then that process reported the change.
+        previous = before.level if action.previous is None else action.previous
+        if action.level != previous:
+            await self._emit("level_changed", identity, action, path, previous=previous)
         if action.block_seconds <= 0:
             return None, action
-        if before.block_seconds <= 0:  # the block begins (or, in shadow mode, would)
+        if (
+            before.block_seconds <= 0 if action.previous is None else action.previous != "block"
+        ):  # the block begins (or, in shadow mode, would)
             await self._emit("blocked", identity, action, path)
         if not self.enforce:
             return None, action
@@ -346,10 +465,17 @@ class ExtractionShield:
         return [self._policy_header, (b"ratelimit", rate_limit_header(decision))]
 
     async def _emit(
-        self, kind: Any, identity: Identity, action: Action, path: str, **signals: Any
+        self,
+        kind: EventKind,
+        identity: Identity,
+        action: Action,
+        path: str,
+        assessment: Assessment | None = None,
+        **signals: Any,
     ) -> None:
-        assessment = action.assessment
-        await self.events.emit(
+        if assessment is None:
+            assessment = action.assessment
+        await self._report(
             ShieldEvent(
                 kind=kind,
                 identity=identity.key,
@@ -361,16 +487,21 @@ class ExtractionShield:
             )
         )
 
+    async def _report(self, event: ShieldEvent) -> None:
+        if self.metrics is not None and event.kind in ("storage_error", "internal_error"):
+            self.metrics.failed(event.kind)
+        await self.events.emit(event)
+
     async def _failed(self, scope: Scope, exc: Exception) -> bool:
         """Report an internal failure; true when the request should proceed (fail open)."""
         self.internal_errors += 1
-        kind = "storage_error" if isinstance(exc, StorageError) else "internal_error"
+        kind: EventKind = "storage_error" if isinstance(exc, StorageError) else "internal_error"
         logger.error(
             "shield %s on %s: %r", kind, scope.get("path"), exc, exc_info=kind == "internal_error"
         )
-        await self.events.emit(
+        await self._report(
             ShieldEvent(
-                kind=kind,  # type: ignore[arg-type]
+                kind=kind,
                 identity="",
                 signals={"error": type(exc).__name__},
                 path=scope.get("path", ""),

@@ -3,8 +3,9 @@
 Levels grow ``normal → watch → degrade → throttle → block``. The middleware asks the
 policy for an identity's current :class:`Action` before charging the limiter (a
 throttled identity pays ``cost_multiplier`` times the cost) and hands it the monitor's
-assessment afterwards (which may raise the level, or block). This version ships the
-static policy (always ``normal``); the graded policy plugs in here.
+assessment afterwards (which may raise the level, or block). ``inspect`` and ``lift`` serve
+introspection (``ExtractionShield.inspect``, the admin route): a policy that keeps its
+state elsewhere (Redis) implements them too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import ConfigurationError
 from .identity import Identity
@@ -20,6 +21,8 @@ from .monitor.base import Assessment
 
 if TYPE_CHECKING:
     from .settings import PolicySettings
+    from .storage.base import Storage
+    from .storage.redis_policy import RedisPolicy
 
 Level = Literal["normal", "watch", "degrade", "throttle", "block"]
 LEVELS: tuple[Level, ...] = ("normal", "watch", "degrade", "throttle", "block")
@@ -30,16 +33,33 @@ class Action:
     """What to do with an identity's requests.
 
     ``cost_multiplier`` scales the limiter cost; ``block_seconds`` > 0 refuses the
-    request with 429 abnormal-usage-detected and that Retry-After.
+    request with 429 abnormal-usage-detected and that Retry-After. ``previous`` is the
+    level the identity had just before an ``update`` changed it, when the state is shared
+    by several processes (another process may have changed it since this request's
+    ``current``): the process whose update made the change reports it, once.
+    ``degraded`` is true when a shared state was unreachable and this process decided alone.
     """
 
     level: Level = "normal"
     cost_multiplier: float = 1.0
     block_seconds: float = 0.0
     assessment: Assessment = field(default_factory=Assessment)
+    previous: Level | None = None
+    degraded: bool = False
 
 
 NORMAL = Action()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """What a policy remembers of one identity, for introspection: its risk now (decayed),
+    its level, the seconds of block left and the assessment that last updated it."""
+
+    risk: float
+    level: Level
+    block_seconds: float
+    assessment: Assessment = field(default_factory=Assessment)
 
 
 class Policy(Protocol):
@@ -49,6 +69,14 @@ class Policy(Protocol):
 
     async def update(self, identity: Identity, assessment: Assessment) -> Action:
         """The identity's action once this request is observed."""
+        ...
+
+    async def inspect(self, key: str) -> PolicyState | None:
+        """The state of the identity hashed as ``key``; ``None`` when nothing is remembered."""
+        ...
+
+    async def lift(self, key: str) -> bool:
+        """Forget the identity's risk, level and block; true if there was anything to lift."""
         ...
 
 
@@ -63,6 +91,12 @@ class StaticPolicy:
 
     async def update(self, identity: Identity, assessment: Assessment) -> Action:
         return self.action
+
+    async def inspect(self, key: str) -> PolicyState | None:
+        return None  # nothing is remembered
+
+    async def lift(self, key: str) -> bool:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,17 +203,33 @@ class GradedPolicy:
         state.risk, state.level, state.updated, state.assessment = risk, level, updated, assessment
         return self._action(state, now)
 
-    def state(self, key: str) -> tuple[float, Level, float] | None:
-        """``(risk, level, seconds of block left)`` of an identity, for introspection."""
+    async def inspect(self, key: str) -> PolicyState | None:
         state = self._states.get(key)
         if state is None:
             return None
         now = self.clock()
-        return self._decayed(state, now), state.level, max(0.0, state.blocked_until - now)
+        block = max(0.0, state.blocked_until - now)
+        return PolicyState(self._decayed(state, now), state.level, block, state.assessment)
 
-    def lift(self, key: str) -> bool:
-        """Forget an identity's risk, level and block. True if there was anything to lift."""
+    async def lift(self, key: str) -> bool:
         return self._states.pop(key, None) is not None
+
+    def level_counts(self) -> dict[Level, int]:
+        """Identities at each level above ``normal`` now (decay and finished blocks applied),
+        for metrics. O(identities held): meant for a scrape every few seconds, not for each
+        request. Identities at ``normal`` are not remembered, so not counted."""
+        now = self.clock()
+        counts = dict.fromkeys(LEVELS[1:], 0)
+        for state in list(self._states.values()):
+            if state.blocked_until > now:
+                level: Level = "block"
+            else:
+                level = self.thresholds.level(self._decayed(state, now), state.level)
+                if level == "block":
+                    level = "throttle"  # as in ``current``: a finished block steps down
+            if level != "normal":
+                counts[level] += 1
+        return counts
 
     def _insert(self, key: str, state: _State) -> _State:
         states = self._states
@@ -197,18 +247,29 @@ class GradedPolicy:
         return state
 
 
-def build_policy(settings: PolicySettings, clock: Callable[[], float]) -> GradedPolicy:
-    """The graded policy ``POLICY__*`` describes."""
+def build_policy(
+    settings: PolicySettings, clock: Callable[[], float], storage: Storage | None = None
+) -> GradedPolicy | RedisPolicy:
+    """The graded policy ``POLICY__*`` describes; on a Redis ``storage``, with its state in
+    Redis (and, when the storage falls back to memory, an in-process fallback)."""
     starts = (settings.watch, settings.degrade, settings.throttle, settings.block)
     if list(starts) != sorted(starts):
         raise ConfigurationError(
             "EXTRACTION_SHIELD_POLICY__WATCH <= DEGRADE <= THROTTLE <= BLOCK is required, got "
             + ", ".join(f"{v:g}" for v in starts)
         )
-    return GradedPolicy(
-        Thresholds(*starts, hysteresis=settings.hysteresis),
-        half_life=settings.half_life,
-        block_seconds=settings.block_seconds,
-        throttle_multiplier=settings.throttle_multiplier,
-        clock=clock,
-    )
+    thresholds = Thresholds(*starts, hysteresis=settings.hysteresis)
+    options: dict[str, Any] = {
+        "half_life": settings.half_life,
+        "block_seconds": settings.block_seconds,
+        "throttle_multiplier": settings.throttle_multiplier,
+    }
+    local = GradedPolicy(thresholds, clock=clock, **options)
+    from .storage.redis import RedisStorage
+
+    if not isinstance(storage, RedisStorage):
+        return local
+    from .storage.redis_policy import RedisPolicy
+
+    fallback = local if storage.fallback is not None else None
+    return RedisPolicy(storage, thresholds, fallback=fallback, **options)

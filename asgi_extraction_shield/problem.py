@@ -1,4 +1,4 @@
-"""``application/problem+json`` responses (RFC 9457) sent by the shield itself."""
+"""``application/problem+json`` responses (RFC 9457) and the other JSON the shield sends itself."""
 
 from __future__ import annotations
 
@@ -24,13 +24,24 @@ async def send_problem(
 ) -> None:
     """Send a complete problem+json response."""
     payload = {"type": type_, "title": title, "status": status, "detail": detail, **extra}
+    await send_json(send, status, payload, headers, b"application/problem+json")
+
+
+async def send_json(
+    send: Send,
+    status: int,
+    payload: Any,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    content_type: bytes = b"application/json",
+) -> None:
+    """Send a complete JSON response, never cached."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"application/problem+json"),
+                (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", b"no-store"),
                 *headers,

@@ -14,7 +14,15 @@ import math
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import TypedDict
 
@@ -272,7 +280,8 @@ class ShieldSettings(BaseSettings):
     mode: Literal["enforce", "shadow"] = Field(
         "enforce",
         description="'enforce' acts on decisions; 'shadow' computes and reports them "
-        "(events, logs) but never refuses a request and adds no headers.",
+        "(events, logs) but never refuses a request, never degrades an answer by level and "
+        "adds no headers.",
     )
     rate_limit: str = Field(
         "600/minute",
@@ -334,7 +343,8 @@ class ShieldSettings(BaseSettings):
     )
     storage_url: str = Field(
         "memory://",
-        description="Where state lives: 'memory://' (this process) or "
+        description="Where state lives (buckets, policy levels and blocks, the monitor's "
+        "shared observations): 'memory://' (this process) or "
         "'redis://[user:password@]host:port/db' ('rediss://' for TLS), shared by every "
         "process (needs SECRET_KEY and the 'redis' extra).",
     )
@@ -347,8 +357,8 @@ class ShieldSettings(BaseSettings):
     )
     redis_prefix: str = Field(
         "shield",
-        description="Redis storage: prefix of every key ('{<prefix>:<identity>}:tat'); give "
-        "each protected API its own when several share one Redis.",
+        description="Redis storage: prefix of every key ('{<prefix>:<identity>}:tat', "
+        "':policy', ':obs'); give each protected API its own when several share one Redis.",
     )
     failure_mode: Literal["open", "closed"] = Field(
         "open",
@@ -405,6 +415,31 @@ class ShieldSettings(BaseSettings):
         ge=0,
         description="Largest JSON response body buffered for post-processing; larger ones "
         "pass through unchanged.",
+    )
+    metrics: bool = Field(
+        False,
+        description="Export Prometheus metrics (needs the 'metrics' extra) and serve them at "
+        "METRICS_PATH.",
+    )
+    metrics_path: str = Field(
+        "/metrics",
+        description="Where the shield serves its metrics when METRICS is on, exempt from "
+        "limiting; empty: not served (scrape the registry your own way).",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the admin route (at least 16 characters); unset: no "
+        "admin route.",
+    )
+    admin_path: str = Field(
+        "/_shield",
+        description="Prefix of the admin route (identity state as JSON, lifting penalties).",
+    )
+    assessed_interval: float = Field(
+        0.0,
+        ge=0,
+        description="Log an 'assessed' event (risk, level, signals) for each active identity "
+        "at most once per this many seconds, for `extraction-shield tune`; 0: off.",
     )
     openai: OpenAISettings = Field(
         default_factory=lambda: OpenAISettings(),
@@ -470,6 +505,22 @@ class ShieldSettings(BaseSettings):
         for path in value:
             if not path.startswith(("/", "*")):
                 raise ValueError(f"{path!r} is not a path pattern: expected '/...' or a glob")
+        return value
+
+    @field_validator("metrics_path", "admin_path")
+    @classmethod
+    def _check_route(cls, value: str, info: ValidationInfo) -> str:
+        if not value and info.field_name == "metrics_path":
+            return value
+        if not value.startswith("/") or value == "/" or any(c in value for c in "*?[ "):
+            raise ValueError(f"{value!r}: expected a path such as '/_shield' (no glob)")
+        return value.rstrip("/")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("too short: use at least 16 characters (`extraction-shield keygen`)")
         return value
 
     @field_validator("perturbation")
@@ -543,6 +594,11 @@ class ShieldOverrides(TypedDict, total=False):
     watermark: str
     watermark_records_path: str
     max_response_bytes: int
+    metrics: bool
+    metrics_path: str
+    admin_token: SecretStr | str | None
+    admin_path: str
+    assessed_interval: float
     openai: OpenAISettings | dict[str, Any]
     generic: GenericSettings | dict[str, Any]
     monitor: MonitorSettings | dict[str, Any]
@@ -567,7 +623,7 @@ def _describe(exc: ValidationError) -> str:
         loc = [str(part) for part in error["loc"]]
         var = ENV_PREFIX + "__".join(loc).upper() if loc else ENV_PREFIX
         given = error.get("input")
-        if loc and loc[0] == "secret_key":
+        if loc and loc[0] in ("secret_key", "admin_token"):
             given = "**********"
         message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":

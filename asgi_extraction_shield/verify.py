@@ -30,7 +30,7 @@ from typing import Any, Union
 import numpy as np
 
 from .errors import ShieldError
-from .formats.base import FormatAdapter, Outputs, ParsedRequest
+from .formats.base import FormatAdapter, GeneratedText, Outputs, ParsedRequest
 from .formats.hf import HuggingFace
 from .formats.kserve_v1 import KServeV1
 from .formats.oip_v2 import OpenInferenceV2
@@ -103,8 +103,12 @@ def request_document(fmt: str, path: str, inputs: list[Any], model: str = "") ->
         }
     if fmt == "openai":
         if path.endswith("/chat/completions"):
-            # One conversation per request: chat endpoints take no batch.
-            return {"model": model, "messages": inputs[0] if len(inputs) == 1 else inputs}
+            # One conversation per request: chat endpoints take no batch. A text input
+            # (a prompt) is the user's message.
+            first = inputs[0] if len(inputs) == 1 else inputs
+            if isinstance(first, str):
+                first = [{"role": "user", "content": first}]
+            return {"model": model, "messages": first}
         key = "input" if path.endswith("/embeddings") else "prompt"
         return {"model": model, key: inputs}
     return {"inputs": inputs}
@@ -129,6 +133,8 @@ def split_outputs(outputs: Outputs | None, n: int) -> list[Outputs]:
                 setattr(part, name, values[i : i + 1])
         if outputs.tokens is not None and len(outputs.tokens) == n:
             part.tokens = outputs.tokens[i : i + 1]
+        if outputs.texts is not None and len(outputs.texts) == n:
+            part.texts = outputs.texts[i : i + 1]
         parts.append(part)
     return parts
 
@@ -144,6 +150,8 @@ def read_answer(item: Any, answer: Any) -> Outputs:
     """One answer, as an API returns it for ``item``, read by the shield's adapters: a
     whole response document (KServe v1, OIP v2, OpenAI, HF) or one KServe v1 prediction
     (a probability row, a label, a dict of named outputs). Unreadable: empty outputs."""
+    if isinstance(answer, str):  # a generated text, as a callable suspect may return it
+        return Outputs(keys=[], texts=[GeneratedText(answer)])
     candidates: list[tuple[str, str, Any]] = []
     if isinstance(answer, dict):
         for fmt in ("kserve_v1", "oip_v2", "hf"):

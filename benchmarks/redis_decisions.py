@@ -8,7 +8,11 @@
    round-trip redis-py can make.
 2. Overhead. ``benchmarks/overhead.py``'s in-process driver (no server, no HTTP client):
    the bare model app, the shield on ``memory://`` and the shield on ``redis://``, one
-   request at a time, so the Redis figure includes one full round-trip to the server.
+   request at a time, so the Redis figure includes one full round-trip to the server;
+   the limiter alone, and the full path (payload parsed, queries monitored, outputs
+   perturbed), where Redis also holds the policy state and the monitor's shared
+   observations. Then the round-trips to Redis per request of each path on ``redis://``
+   (a pipeline counts once) and the commands Redis ran per request.
 
 Starts its own ``redis-server`` on a free loopback port unless ``--url`` is given.
 
@@ -30,7 +34,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from overhead import measure, model_app, shield_app
+from overhead import FULL_CHAIN, measure, model_app, run_round, shield_app, shield_full_app
 from starlette.types import ASGIApp
 
 from asgi_extraction_shield import ExtractionShield
@@ -82,7 +86,7 @@ async def throughput(url: str, rounds: int, n: int, inflight: int) -> dict[str, 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def redis_shield_app(url: str) -> ASGIApp:
+def redis_shield_app(url: str) -> ExtractionShield:
     return ExtractionShield(
         model_app(),
         rate_limit="100000000/minute",
@@ -92,13 +96,53 @@ def redis_shield_app(url: str) -> ASGIApp:
     )
 
 
+def redis_full_app(url: str) -> ASGIApp:
+    """The full path (as ``overhead.shield_full_app``) on Redis."""
+    return shield_app(
+        format="auto",
+        perturbation=FULL_CHAIN,
+        monitor={"enabled": True},
+        storage_url=url,
+        redis_timeout=1.0,
+    )
+
+
+VARIANTS = {
+    "bare Starlette app": lambda url: model_app(),
+    "limiter on memory://": lambda url: shield_app(),
+    "limiter on redis://": lambda url: shield_app(storage_url=url, redis_timeout=1.0),
+    "full path on memory://": lambda url: shield_full_app(),
+    "full path on redis://": redis_full_app,
+}
+
+
 async def overheads(url: str, rounds: int, n: int) -> dict[str, float]:
-    variants = {
-        "bare Starlette app": model_app(),
-        "shield on memory://": shield_app(),
-        "shield on redis://": redis_shield_app(url),
-    }
-    return await measure(variants, rounds, n)
+    return await measure({name: build(url) for name, build in VARIANTS.items()}, rounds, n)
+
+
+async def round_trips(url: str, n: int) -> dict[str, dict[str, float]]:
+    """Round-trips and Redis commands per request, on each path on ``redis://``."""
+    import redis.asyncio
+
+    raw = redis.asyncio.Redis.from_url(url)
+    counts = {}
+    for name, build in VARIANTS.items():
+        if "redis://" not in name:
+            continue
+        app = build(url)
+        storage = app.storage  # type: ignore[attr-defined]
+        await run_round(app, n)  # warm: scripts loaded, identity known
+        trips = storage.round_trips
+        commands = (await raw.info("stats"))["total_commands_processed"]
+        await run_round(app, n)
+        after = (await raw.info("stats"))["total_commands_processed"]
+        counts[name] = {
+            "round_trips": (storage.round_trips - trips) / n,
+            "commands": (after - commands - 1) / n,  # less our INFO
+        }
+        await storage.close()
+    await raw.aclose()
+    return counts
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -121,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             url = stack.enter_context(RedisServer()).url
         rates = asyncio.run(throughput(url, args.rounds, args.decisions, args.inflight))
         medians = asyncio.run(overheads(url, args.rounds, args.requests))
+        trips = asyncio.run(round_trips(url, args.requests))
 
     bare = medians["bare Starlette app"]
     result: dict[str, Any] = {
@@ -128,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_decisions_to_incr": rates["decisions"] / rates["incr"],
         "us_per_request": medians,
         "overhead_us": {k: v - bare for k, v in medians.items() if k != "bare Starlette app"},
+        "per_request_on_redis": trips,
         "rounds": args.rounds,
         "inflight": args.inflight,
     }
@@ -148,6 +194,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, value in medians.items():
         overhead = "" if name == "bare Starlette app" else f"{value - bare:.1f}"
         print(f"| {name} | {value:.1f} | {overhead} |")
+    print("\n| on redis:// | round-trips / request | Redis commands / request (in scripts too) |")
+    print("|---|---:|---:|")
+    for name, count in trips.items():
+        print(f"| {name} | {count['round_trips']:.2f} | {count['commands']:.2f} |")
     return result
 
 

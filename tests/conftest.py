@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -17,7 +18,12 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp
 from starlette.websockets import WebSocket
 
-from asgi_extraction_shield import ExtractionShield
+from asgi_extraction_shield import ExtractionShield, Identity
+from asgi_extraction_shield.formats.base import ParsedRequest
+from asgi_extraction_shield.monitor import Assessment
+from asgi_extraction_shield.policy import GradedPolicy
+
+from .redis_server import RedisServer
 
 SECRET = "test-secret-key-0123456789abcdef"
 
@@ -120,3 +126,71 @@ def client(app: ASGIApp, ip: str = "203.0.113.7") -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app, client=(ip, 40000)), base_url="http://shield.test"
     )
+
+
+# -- a real redis-server (tests/redis_server.py) ---------------------------------------------
+
+
+def _missing(what: str) -> NoReturn:
+    message = f"{what}; the Redis tests need it"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set, so this is a failure, not a skip)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def redis_py() -> None:
+    """redis-py, the ``redis`` extra (part of the ``test`` extra)."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        _missing("the redis package is not installed (pip install 'asgi-extraction-shield[redis]')")
+
+
+@pytest.fixture
+def redis_server(redis_py: None) -> Iterator[RedisServer]:
+    """A fresh redis-server for this test only."""
+    if shutil.which("redis-server") is None:
+        _missing("redis-server is not on PATH (apt-get install redis-server)")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Any]:
+    """A plain redis-py client, to look at what the storage wrote."""
+    import redis.asyncio
+
+    client_ = redis.asyncio.Redis.from_url(redis_server.url)
+    yield client_
+    await client_.aclose()
+
+
+class ScriptedMonitor:
+    """A monitor whose risk per identity key the test sets (``risk[key] = 0.95``)."""
+
+    def __init__(self) -> None:
+        self.risk: dict[str, float] = {}
+
+    async def observe_request(self, identity: Identity, request: ParsedRequest) -> Assessment:
+        risk = self.risk.get(identity.key, 0.0)
+        return Assessment(risk, {"coverage": risk, "queries": 60.0})
+
+    def forget(self, key: str) -> bool:
+        return self.risk.pop(key, None) is not None
+
+
+def scripted_shield(
+    clock: FakeClock, policy: GradedPolicy | None = None, **overrides: Any
+) -> tuple[ExtractionShield, ScriptedMonitor]:
+    """The Starlette app behind a shield graded by a :class:`ScriptedMonitor`."""
+    monitor = ScriptedMonitor()
+    overrides.setdefault("secret_key", SECRET)
+    app = ExtractionShield(
+        starlette_app(),
+        clock=clock,
+        query_monitor=monitor,
+        risk_policy=policy or GradedPolicy(clock=clock),
+        **overrides,
+    )
+    return app, monitor

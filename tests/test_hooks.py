@@ -103,6 +103,41 @@ async def test_blocks_are_reported_but_not_enforced_in_shadow(clock: FakeClock) 
     assert [e.kind for e in events].count("blocked") == 1 and all(e.shadow for e in events)
 
 
+class RecordingPostProcessor:
+    """Records the level each response would be post-processed at; changes nothing."""
+
+    def __init__(self) -> None:
+        self.levels: list[str] = []
+
+    def transform_for(self, identity: Identity, request: ParsedRequest, action: Action) -> None:
+        self.levels.append(action.level)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("enforce", ["normal", "watch", "throttle"]),
+        ("shadow", ["normal"] * 5),  # graded and reported, but answers are never degraded
+    ],
+)
+async def test_answers_are_degraded_by_level_only_when_enforcing(
+    clock: FakeClock, mode: str, expected: list[str]
+) -> None:
+    post = RecordingPostProcessor()
+    app = shield(
+        starlette_app(),
+        clock,
+        mode=mode,
+        query_monitor=CountingMonitor(),
+        risk_policy=ThresholdPolicy(),
+        postprocessor=post,
+    )
+    async with client(app) as c:
+        for _ in range(5):
+            await c.get("/predict")
+    assert post.levels == expected
+
+
 async def test_null_components_are_neutral() -> None:
     ident = Identity("k", "header")
     assert (await NullMonitor().observe_request(ident, ParsedRequest())).risk == 0.0

@@ -84,3 +84,18 @@ async def test_sweeps_are_rate_limited(clock: FakeClock) -> None:
 def test_rejects_bad_bound() -> None:
     with pytest.raises(ValueError):
         MemoryStorage(max_identities=0)
+
+
+async def test_peek_reads_a_bucket_without_charging_or_storing(clock: FakeClock) -> None:
+    storage = MemoryStorage(max_identities=1, clock=clock)
+    limiter = Limiter(storage, Rate.parse("1/second"), burst=5, clock=clock)
+    fresh = await limiter.peek("a")
+    assert (fresh.allowed, fresh.remaining, fresh.reset_after) == (True, 5, 0.0)
+    assert len(storage) == 0  # a peek creates no entry
+    await limiter.acquire("a", 3)
+    clock.advance(1.0)  # one token back: 3 remaining, full in 2 s
+    for _ in range(3):
+        seen = await limiter.peek("a")
+        assert (seen.remaining, seen.reset_after) == (3, pytest.approx(2.0))
+    # the table is full: a newcomer's peek neither takes the overflow bucket nor a place
+    assert (await limiter.peek("b")).remaining == 5 and storage.overflowed == 0

@@ -46,7 +46,11 @@ def probing_rows(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(points[10:])
 
 
-def tracker_after(rows: np.ndarray, config: TrackerConfig | None = None) -> Tracker:
+def tracker_after(
+    rows: np.ndarray, config: TrackerConfig | None = None, *, flush_every: int = 0
+) -> Tracker:
+    """A tracker that observed ``rows`` one request each (folded in after every
+    ``flush_every`` requests, or in the tracker's own batches)."""
     monitor = ExtractionMonitor(KEY, {}, dim=32)
     tracker = Tracker(config or TrackerConfig(), 32, 0.0)
     features = monitor.featurizer.numeric(rows)
@@ -54,6 +58,9 @@ def tracker_after(rows: np.ndarray, config: TrackerConfig | None = None) -> Trac
         row = features[i : i + 1]
         digest = hash(rows[i].tobytes())  # the canonical form: the raw query
         tracker.observe_queries(row, monitor.buckets(row), [digest], float(i))
+        if flush_every and (i + 1) % flush_every == 0:
+            tracker.flush()
+    tracker.flush()
     return tracker
 
 
@@ -136,9 +143,26 @@ def test_exact_repeats_do_not_feed_prada() -> None:
     assert tracker.signals()["prada_w"] == 1.0 and tracker.signals()["near_duplicates"] == 0.0
 
 
+SMALL = TrackerConfig(history=32, prada_points=16, prada_distances=100, window=50)
+
+
+@pytest.mark.parametrize("config", [TrackerConfig(), SMALL], ids=["default", "small"])
+@pytest.mark.parametrize("make_rows", [benign_rows, uniform_rows, probing_rows])
+def test_batched_observation_matches_one_query_at_a_time(
+    make_rows: Any, config: TrackerConfig
+) -> None:
+    rows = make_rows(600, np.random.default_rng(21))
+    one = tracker_after(rows, config, flush_every=1).signals()
+    for flush_every in (8, 0):  # the monitor's assessments, the tracker's own batches
+        batched = tracker_after(rows, config, flush_every=flush_every).signals()
+        for name in ("coverage", "entropy", "novelty", "near_duplicates"):
+            assert batched[name] == pytest.approx(one[name], abs=1e-6), name
+        # PRADA's test runs at the end of a batch rather than exactly every 10 queries.
+        assert batched["prada_w"] == pytest.approx(one["prada_w"], abs=0.005)
+
+
 def test_tracker_state_is_bounded() -> None:
-    config = TrackerConfig(history=32, prada_points=16, prada_distances=100, window=50)
-    tracker = tracker_after(uniform_rows(3000, np.random.default_rng(7)), config)
+    tracker = tracker_after(uniform_rows(3000, np.random.default_rng(7)), SMALL)
     assert tracker.queries == 3000 and tracker._history.filled == 32
     assert tracker._history.points.shape[0] == 32 and tracker._prada.points.shape[0] == 16
     assert tracker._prada_distances.filled == 100 and tracker._buckets.filled == 50
@@ -310,8 +334,8 @@ async def test_moderate_risk_is_answered_with_the_degrade_chain(clock: FakeClock
         original = (
             await bare.post("/v1/models/m:predict", json={"instances": [rows[-1].tolist()]})
         ).json()["predictions"][0]
-    state = app.policy.state(next(iter(app.policy._states)))
-    assert state is not None and state[1] == "degrade"
+    state = await app.policy.inspect(next(iter(app.policy._states)))
+    assert state is not None and state.level == "degrade"
     assert shielded != original and np.argmax(shielded) == np.argmax(original)
     assert abs(sum(shielded) - 1) < 1e-6 and all(v == round(v, 2) for v in shielded)  # round:2
 

@@ -75,13 +75,25 @@ class TokenLogprobs:
 
 
 @dataclass(slots=True)
+class GeneratedText:
+    """A text the model generated (an OpenAI choice's ``message.content`` or ``text``), or
+    one piece of it in a stream (``delta.content``). ``choice`` is the choice's index;
+    ``final`` is false for a stream piece that its choice's ``finish_reason`` does not
+    close, so that a processor may carry state from one piece to the next."""
+
+    text: str
+    choice: int = 0
+    final: bool = True
+
+
+@dataclass(slots=True)
 class Outputs:
     """Model outputs found in a response, as arrays a post-processor can change.
 
     ``probabilities`` are rows on the simplex (non-negative, summing to 1), ``scores``
     other numeric rows (only rounding applies), ``embeddings`` vectors, ``labels`` class
-    ids, ``tokens`` token log-probabilities. ``keys`` gives each row its canonical
-    input, so that keyed randomness is the same for the same query.
+    ids, ``tokens`` token log-probabilities, ``texts`` generated texts. ``keys`` gives
+    each row its canonical input, so that keyed randomness is the same for the same query.
     """
 
     keys: list[bytes]
@@ -90,6 +102,7 @@ class Outputs:
     embeddings: NDArray[np.float64] | None = None
     labels: NDArray[np.int64] | None = None
     tokens: list[TokenLogprobs] | None = None
+    texts: list[GeneratedText] | None = None
 
 
 class FormatAdapter(Protocol):

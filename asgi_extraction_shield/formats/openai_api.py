@@ -30,7 +30,9 @@ Responses. ``choices[].logprobs`` of chat (``content`` and ``refusal`` items wit
 ``top_logprobs``) and of completions (``tokens``, ``token_logprobs``, ``top_logprobs``
 dicts) become one :class:`TokenLogprobs` per choice, for non-streaming documents and
 streaming chunks alike; ``data[].embedding`` (float lists, or base64 of little-endian
-float32) become ``Outputs.embeddings``, keyed by ``data[].index`` to the request's inputs.
+float32) become ``Outputs.embeddings``, keyed by ``data[].index`` to the request's inputs;
+generated texts (chat ``message.content``, completion ``text``, streamed ``delta.content``,
+a stream's closing chunk counting as an empty final piece) become ``Outputs.texts``.
 Written back, every other field stays as it was: alternatives keep their ``bytes`` (a
 repeated token string is matched in order), base64 embeddings stay base64.
 """
@@ -56,6 +58,7 @@ from .base import (
     LOGPROBS,
     STREAM,
     TOP_LOGPROBS,
+    GeneratedText,
     Outputs,
     ParsedRequest,
     TokenLogprobs,
@@ -226,12 +229,14 @@ class OpenAIAdapter:
             return None
         if _endpoint(request, doc) == EMBEDDING:
             return _read_embeddings(doc, request)
-        sites = _token_sites(doc)
-        if not sites:
+        sites = _token_sites(doc) or []
+        texts = _text_sites(doc, STREAM in request.flags)
+        if not sites and not texts:
             return None
-        tokens = [site.read() for site in sites]
+        tokens = [site.read() for site in sites] if sites else None
         keys = [_choice_key(request, site.index) for site in sites]
-        return Outputs(keys, tokens=tokens)
+        generated = [site.read() for site in texts] if texts else None
+        return Outputs(keys, tokens=tokens, texts=generated)
 
     def write_response(self, doc: Any, outputs: Outputs, request: ParsedRequest) -> Any:
         if not isinstance(doc, dict):
@@ -244,6 +249,10 @@ class OpenAIAdapter:
         if outputs.tokens is not None and sites and len(sites) == len(outputs.tokens):
             for site, seq in zip(sites, outputs.tokens, strict=True):
                 site.write(seq)
+        texts = _text_sites(doc, STREAM in request.flags)
+        if outputs.texts is not None and len(texts) == len(outputs.texts):
+            for text_site, generated in zip(texts, outputs.texts, strict=True):
+                text_site.write(generated.text)
         return doc
 
 
@@ -576,6 +585,47 @@ def _token_sites(doc: dict[str, Any]) -> list[_Site] | None:
         if site is None:
             return None
         sites.append(site)
+    return sites
+
+
+class _TextSite:
+    """Where one choice's generated text is: ``message.content`` (chat), ``text``
+    (completions) or, in a stream, ``delta.content``. A closing chunk without content
+    is still a site (an empty final piece), so that text held back can be written there."""
+
+    __slots__ = ("choice", "container", "field", "final")
+
+    def __init__(self, container: dict[str, Any], field: str, choice: int, final: bool) -> None:
+        self.container, self.field, self.choice, self.final = container, field, choice, final
+
+    def read(self) -> GeneratedText:
+        value = self.container.get(self.field)
+        return GeneratedText(value if isinstance(value, str) else "", self.choice, self.final)
+
+    def write(self, text: str) -> None:
+        if text != self.read().text:
+            self.container[self.field] = text
+
+
+def _text_sites(doc: dict[str, Any], stream: bool) -> list[_TextSite]:
+    choices = doc.get("choices")
+    if not isinstance(choices, list):
+        return []
+    sites: list[_TextSite] = []
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            return []
+        given = choice.get("index")
+        index = given if _is_int(given) else position
+        final = not stream or choice.get("finish_reason") is not None
+        for holder, field in (("message", "content"), ("delta", "content"), (None, "text")):
+            container = choice.get(holder) if holder else choice
+            if not isinstance(container, dict) or (field not in container and holder != "delta"):
+                continue
+            value = container.get(field)
+            if isinstance(value, str) or (value is None and stream and holder == "delta"):
+                sites.append(_TextSite(container, field, index, final))
+                break
     return sites
 
 

@@ -13,6 +13,7 @@ from .shapiro import shapiro_wilk
 
 if TYPE_CHECKING:
     from ..settings import ShieldSettings
+    from ..storage.base import Storage
 
 __all__ = [
     "NO_RISK",
@@ -28,9 +29,10 @@ __all__ = [
 
 
 def build_monitor(
-    settings: ShieldSettings, secret: bytes, clock: Clock
+    settings: ShieldSettings, secret: bytes, clock: Clock, storage: Storage | None = None
 ) -> ExtractionMonitor | None:
-    """The monitor ``MONITOR__*`` describes, or ``None`` when it is disabled."""
+    """The monitor ``MONITOR__*`` describes, or ``None`` when it is disabled; on a Redis
+    ``storage`` it shares its observations with the other processes."""
     config = settings.monitor
     if not config.enabled:
         return None
@@ -39,7 +41,7 @@ def build_monitor(
 
     rules = config.rules()
     pool_rules = {**rules, "prada_w": parse_rule(config.pool_prada_w)}
-    return ExtractionMonitor(
+    monitor = ExtractionMonitor(
         derive_key(secret, "monitor"),
         rules,
         pool_rules=pool_rules,
@@ -53,3 +55,10 @@ def build_monitor(
         cohort_seconds=config.cohort_seconds,
         clock=clock,
     )
+    from ..storage.redis import RedisStorage
+
+    if isinstance(storage, RedisStorage):
+        from ..storage.redis_observations import RedisObservations
+
+        monitor.shared = RedisObservations(storage, every=monitor.assess_every)
+    return monitor

@@ -22,6 +22,7 @@ rise up to that many requests late, and the work per query stays a few array ope
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -36,11 +37,14 @@ from ..identity import Identity
 from ..limiter import Clock
 from .base import Assessment
 from .features import Featurizer
+from .observation import Answers, Observation, SharedObservations
 from .risk import SignalRule, risk_of
-from .tracker import Tracker, TrackerConfig
+from .tracker import Tracker, TrackerConfig, answer_summary
 
 Matrix = NDArray[np.float64]
 ALL = "all:"
+POOL_KINDS = ("net:", "cohort:", ALL)
+"""How pool keys begin (identity keys never do: they begin with their source)."""
 POOL_SIGNALS = frozenset({"prada_w", "low_margin", "distribution_requests", "logit_bias_tokens"})
 """Signals that count for pools (see ``pool_rules``)."""
 
@@ -93,38 +97,61 @@ class ExtractionMonitor:
         self.max_members = max_members
         self.clock = clock
         self._first_seen: LRUCache[str, float] = LRUCache(max_identities * 4)
+        self.shared: SharedObservations | None = None
+        """Where observations are shared with other processes (Redis), if anywhere."""
 
     # -- the Monitor protocol ---------------------------------------------------------------
 
     async def observe_request(self, identity: Identity, request: ParsedRequest) -> Assessment:
-        return self.observe(identity, request)
+        assessment = self.observe(identity, request)
+        shared = self.shared
+        if shared is None:
+            return assessment
+        # Other processes' observations of this identity and its pools, every
+        # ``assess_every`` requests (and at once for an identity new to this process).
+        own = self.identities.get(identity.key)
+        if own is None or not shared.due(identity.key, own):
+            return assessment
+        pools = [p for p in self.pool_keys(identity, self.clock()) if p != ALL]
+        trackers = {identity.key: own}
+        for pool in pools:
+            entry = self.pools.get(pool)
+            if entry is not None:
+                trackers[pool] = entry[0]
+        received = await shared.exchange(trackers)
+        if not received:
+            return assessment
+        for key, observations in received.items():
+            for observation in observations:
+                self.replay(key, observation)
+            trackers[key].assessment = None  # assess again, with what the others saw
+        return self._assessment(identity.key, pools)
 
     def observe(self, identity: Identity, request: ParsedRequest) -> Assessment:
         now = self.clock()
-        features = self.features(request)
-        distribution = bool(request.flags & DISTRIBUTION_FLAGS)
-        buckets = self.buckets(features) if features is not None else []
-        digests = _digests(request, features)
+        observation = self.observation(identity.key, request)
+        rows = observation.rows
+        features = None if rows is None else rows - self._centre(rows, not observation.text)
         own = self._tracker(identity.key, now)
-        own.observe_request(distribution, request.logit_bias_tokens, now)
-        if features is not None:
-            own.observe_queries(features, buckets, digests, now)
-        risk, signals, scores = self._assess(own)
-        for pool in self.pool_keys(identity, now):
+        pools = own.pools = self.pool_keys(identity, now)
+        self._feed(own, observation, features, now)
+        for pool in pools:
             tracker, members = self._pool(pool, now)
-            tracker.observe_request(distribution, request.logit_bias_tokens, now)
-            if features is not None:
-                tracker.observe_queries(features, buckets, digests, now)
-            _count_member(
-                members,
-                identity.key,
-                len(features) if features is not None else 1,
-                self.max_members,
-            )
+            self._feed(tracker, observation, features, now)
+            _count_member(members, identity.key, observation.queries, self.max_members)
+        if self.shared is not None:
+            self.shared.record([identity.key, *(p for p in pools if p != ALL)], observation)
+        return self._assessment(identity.key, pools)
+
+    def _assessment(self, key: str, pools: list[str]) -> Assessment:
+        """The identity's risk: its own, or its pools' attributed to it when larger."""
+        risk, signals, scores = self._assess(self.identities[key])
+        for pool in pools:
             if pool == ALL:
                 continue  # a baseline for operators: mostly benign, never attributed
+            tracker, members = self.pools[pool]
             pool_risk, pool_signals, pool_scores = self._assess(tracker, self.pool_rules)
-            attributed = pool_risk * _share_ratio(members, identity.key)
+            attributed = pool_risk * _share_ratio(members, key)
             if attributed > risk:
                 risk = attributed
                 signals = {
@@ -137,15 +164,49 @@ class ExtractionMonitor:
 
     def observe_outputs(self, identity: Identity, outputs: Outputs) -> None:
         """Answers (probability rows): margins and top-1 classes, for the identity and its pools."""
-        if outputs.probabilities is None:
+        probabilities = outputs.probabilities
+        if probabilities is None or probabilities.shape[1] < 2:
             return
+        answers = Answers(identity.key, *answer_summary(probabilities))
         tracker = self.identities.get(identity.key)
-        if tracker is not None:
-            tracker.observe_answers(outputs.probabilities)
-        for pool in self.pool_keys(identity, self.clock()):
+        if tracker is None:
+            return
+        keys = [identity.key]
+        tracker.observe_answer_summary(answers.margins, answers.labels, answers.width)
+        for pool in tracker.pools:  # those of the request that asked (or the latest one)
             entry = self.pools.get(pool)
             if entry is not None:
-                entry[0].observe_answers(outputs.probabilities)
+                entry[0].observe_answer_summary(answers.margins, answers.labels, answers.width)
+                keys.extend([pool] if pool != ALL else [])
+        if self.shared is not None and keys:
+            self.shared.record(keys, answers)
+
+    def replay(self, key: str, observation: Observation | Answers) -> None:
+        """Observe what another process observed of tracker ``key`` (an identity or a pool)."""
+        now = self.clock()
+        pool = self.pools.get(key) if key.startswith(POOL_KINDS) else None
+        tracker = pool[0] if pool is not None else self.identities.get(key)
+        if tracker is None:
+            return
+        if isinstance(observation, Answers):
+            tracker.observe_answer_summary(
+                observation.margins, observation.labels, observation.width
+            )
+            return
+        rows = observation.rows
+        # Centred on this process's mean, without moving it: each process's mean follows
+        # the traffic it serves, and replayed rows are counted by the process that served them.
+        features = None if rows is None else rows - self._means[0 if not observation.text else 1]
+        self._feed(tracker, observation, features, now)
+        if pool is not None:
+            _count_member(pool[1], observation.identity, observation.queries, self.max_members)
+
+    def _feed(
+        self, tracker: Tracker, observation: Observation, features: Matrix | None, now: float
+    ) -> None:
+        tracker.observe_request(observation.distribution, observation.logit_bias, now)
+        if features is not None:
+            tracker.observe_queries(features, self.buckets(features), observation.digests, now)
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -155,13 +216,27 @@ class ExtractionMonitor:
         Centring matters: hyperplanes and cosines through the origin say little about data
         that all lies on one side of it (pixel values, counts, anything non-negative).
         """
+        observation = self.observation("", request)
+        rows = observation.rows
+        return None if rows is None else rows - self._centre(rows, not observation.text)
+
+    def observation(self, key: str, request: ParsedRequest) -> Observation:
+        """What the trackers need of one request of identity ``key``: its queries'
+        feature rows (not centred yet), flags and digests."""
+        rows: Matrix | None = None
+        text = False
         if request.features is not None and len(request.features):
             rows = self.featurizer.numeric(request.features)
-            return rows - self._centre(rows, numeric=True)
-        if request.texts:
-            rows = self.featurizer.texts(request.texts)
-            return rows - self._centre(rows, numeric=False)
-        return None
+        elif request.texts:
+            rows, text = self.featurizer.texts(request.texts), True
+        return Observation(
+            key,
+            rows,
+            text,
+            bool(request.flags & DISTRIBUTION_FLAGS),
+            request.logit_bias_tokens,
+            _digests(request, rows),
+        )
 
     def _centre(self, rows: Matrix, numeric: bool) -> Matrix:
         """The running mean of numeric or text features (exact for the first 10,000 rows,
@@ -232,14 +307,28 @@ class ExtractionMonitor:
         tracker = self.identities.get(key)
         return None if tracker is None else tracker.signals()
 
+    def assessment_of(self, key: str) -> Assessment | None:
+        """The identity's own latest assessment (pools aside), for introspection."""
+        tracker = self.identities.get(key)
+        if tracker is None or tracker.assessment is None:
+            return None
+        _, risk, signals, scores = tracker.assessment
+        return Assessment(risk, {**signals, **{f"score.{k}": v for k, v in scores.items()}})
 
-def _digests(request: ParsedRequest, features: Matrix | None) -> list[int]:
-    """A 64-bit digest of each query's canonical form (keyed per process by ``hash``)."""
-    if features is None:
+    def forget(self, key: str) -> bool:
+        """Drop the identity's tracker (when a block is lifted: it starts afresh)."""
+        return self.identities.pop(key, None) is not None
+
+
+def _digests(request: ParsedRequest, rows: Matrix | None) -> list[int]:
+    """A 64-bit digest of each query's canonical form, alike in every process (BLAKE2b)."""
+    if rows is None:
         return []
-    if len(request.keys) == len(features):
-        return [hash(key) for key in request.keys]
-    return [hash(row.tobytes()) for row in features]
+    keys = request.keys if len(request.keys) == len(rows) else [row.tobytes() for row in rows]
+    return [
+        int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True)
+        for key in keys
+    ]
 
 
 def _count_member(members: dict[str, int], key: str, count: int, limit: int) -> None:

@@ -2,7 +2,8 @@
 
 Everything is bounded: a ring buffer of recent feature vectors, PRADA's growing sets
 (capped), a ring of PRADA distances, a capped SimHash bucket histogram and a few
-counters. Observing a query costs O(history · D), whatever the identity's past.
+counters. Observing a query costs O(history · D), whatever the identity's past, and
+observations are folded in by batches (see :class:`Tracker`).
 
 Signals (each a plain number, see :meth:`Tracker.signals`):
 
@@ -36,6 +37,11 @@ from numpy.typing import NDArray
 from .shapiro import shapiro_wilk
 
 Matrix = NDArray[np.float64]
+BATCH = 64
+"""Queued query rows (or answer batches) that trigger folding them into the state; also
+the largest batch compared in one product."""
+PRADA_RECENT = 50
+"""Recent PRADA distances that set the growing set's threshold (PRADA: 50)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +71,11 @@ class TrackerConfig:
 
 
 class _Ring:
-    """The last ``size`` values of one kind, in a preallocated array (compact per identity)."""
+    """The last ``size`` values of one kind, in a preallocated array (compact per identity).
+
+    The order of :meth:`view` is not chronological once the ring has wrapped: every reader
+    treats the values as a multiset.
+    """
 
     __slots__ = ("filled", "position", "values")
 
@@ -83,12 +93,30 @@ class _Ring:
         self.filled = min(self.filled + 1, len(values))
         return float(old)
 
+    def extend(self, new: Any) -> None:
+        """Store several values, oldest first (only the last ``size`` stay)."""
+        new = np.asarray(new, dtype=self.values.dtype)
+        n, size = len(new), len(self.values)
+        if n >= size:
+            self.values[:] = new[n - size :]
+            self.position, self.filled = 0, size
+            return
+        end = self.position + n
+        if end <= size:
+            self.values[self.position : end] = new
+        else:
+            split = size - self.position
+            self.values[self.position :] = new[:split]
+            self.values[: end - size] = new[split:]
+        self.position = end % size
+        self.filled = min(self.filled + n, size)
+
     def view(self) -> NDArray[Any]:
         return self.values[: self.filled]
 
 
 class _Share:
-    """The share of true values among the last ``size`` observations, in O(1)."""
+    """The share of true values among the last ``size`` observations."""
 
     __slots__ = ("count", "ring")
 
@@ -96,8 +124,10 @@ class _Share:
         self.ring = _Ring(size, np.bool_)
         self.count = 0
 
-    def push(self, value: bool) -> None:
-        self.count += value - int(self.ring.push(value))
+    def extend(self, values: Any) -> None:
+        if len(values):
+            self.ring.extend(values)
+            self.count = int(np.count_nonzero(self.ring.view()))
 
     @property
     def share(self) -> float:
@@ -116,21 +146,47 @@ class _Points:
         self.filled = 0
         self.position = 0
 
-    def add(self, x: Matrix, norm2: float) -> None:
-        self.points[self.position] = x
-        self.norms2[self.position] = norm2
-        self.position = (self.position + 1) % len(self.points)
-        self.filled = min(self.filled + 1, len(self.points))
+    def extend(self, x: NDArray[Any], norms2: NDArray[Any]) -> None:
+        """Store the rows of ``x`` (with their squared norms), oldest first."""
+        size = len(self.points)
+        for start in range(max(0, len(x) - size), len(x)):
+            self.points[self.position] = x[start]
+            self.norms2[self.position] = norms2[start]
+            self.position = (self.position + 1) % size
+        self.filled = min(self.filled + len(x), size)
 
-    def products(self, x: Matrix, norm2: float) -> tuple[NDArray[Any], NDArray[Any]]:
-        """``(dot products, squared distances)`` of ``x`` with the stored points."""
-        dots = self.points[: self.filled] @ x.astype(np.float32)
-        distances2 = np.maximum(self.norms2[: self.filled] + np.float32(norm2) - 2.0 * dots, 0.0)
-        return dots, distances2
+    def stored(self) -> tuple[NDArray[Any], NDArray[Any]]:
+        return self.points[: self.filled], self.norms2[: self.filled]
+
+    def ages(self) -> NDArray[np.int64]:
+        """Each stored row's rank from the oldest (0): the order in which rows are replaced."""
+        ranks = np.arange(self.filled)
+        return ranks if self.filled < len(self.points) else (ranks - self.position) % self.filled
+
+    def replaced_before(self, added: NDArray[Any]) -> NDArray[Any]:
+        """How many stored rows are replaced once ``added`` more rows are stored."""
+        replaced: NDArray[Any] = np.maximum(self.filled + added - len(self.points), 0)
+        return replaced
+
+
+def _distances2(
+    x: NDArray[Any], n2: NDArray[Any], points: NDArray[Any], pn2: NDArray[Any]
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """``(dot products, squared distances)`` of each row of ``x`` with each of ``points``."""
+    dots = x @ points.T
+    return dots, np.maximum(n2[:, None] + pn2[None, :] - 2.0 * dots, 0.0)
 
 
 class Tracker:
-    """State and signals of one identity or pool."""
+    """State and signals of one identity or pool.
+
+    Observations are queued and folded into the state in batches (at the latest when the
+    signals are read): a handful of array operations per batch instead of per query, which
+    is what keeps the monitor cheap on the request path. Within a batch each query is
+    compared with the stored history and with the batch's earlier queries, so a batch sees
+    up to ``batch - 1`` more neighbours than one query at a time would; the signals are the
+    same up to that (a test holds them to it).
+    """
 
     __slots__ = (
         "_buckets",
@@ -143,17 +199,25 @@ class Tracker:
         "_history",
         "_margins",
         "_near",
+        "_pending_answer_rows",
+        "_pending_answers",
+        "_pending_flags",
+        "_pending_queries",
+        "_pending_rows",
         "_prada",
         "_prada_distances",
         "_prada_recent",
+        "_prada_sums",
         "_prada_threshold",
         "_since_test",
         "assessment",
         "config",
+        "cursor",
         "first_seen",
         "last_seen",
         "logit_bias_tokens",
         "novelty",
+        "pools",
         "prada_w",
         "queries",
         "requests",
@@ -181,19 +245,32 @@ class Tracker:
         self._prada = _Points(config.prada_points, dim)
         self._prada_threshold = 0.0
         self._prada_distances = _Ring(config.prada_distances, np.float32)
-        self._prada_recent = _Ring(50, np.float32)
+        self._prada_recent = _Ring(PRADA_RECENT, np.float64)
+        self._prada_sums = (0.0, 0.0)  # sum and sum of squares of the recent distances
         self._since_test = 0
         self.prada_w = 1.0
         self.scale = 0.0  # running typical distance between queries
+        self._pending_flags: list[bool] = []
+        self._pending_queries: list[tuple[Matrix, list[int], list[int]]] = []
+        self._pending_rows = 0
+        self._pending_answers: list[tuple[NDArray[Any], NDArray[Any], int]] = []
+        self._pending_answer_rows = 0
         self.assessment: tuple[int, float, dict[str, float], dict[str, float]] | None = None
         """``(requests, risk, signals, scores)`` when last assessed (kept by the monitor)."""
+        self.pools: list[str] = []
+        """The pools the identity's latest request fed (kept by the monitor)."""
+        self.cursor: bytes | None = None
+        """How far this tracker has read the observations other processes shared (their
+        log's last entry id read), ``None`` before the first read."""
 
     # -- observing -------------------------------------------------------------------------
 
     def observe_request(self, distribution: bool, logit_bias: tuple[str, ...], now: float) -> None:
         self.requests += 1
         self.last_seen = now
-        self._flags.push(distribution)
+        self._pending_flags.append(distribution)
+        if len(self._pending_flags) >= self.config.window:
+            self._flush_flags()
         if logit_bias and len(self.logit_bias_tokens) < 100_000:
             self.logit_bias_tokens.update(logit_bias)
 
@@ -203,87 +280,180 @@ class Tracker:
         """Feature rows of one request's queries, their SimHash buckets, and a digest of
         each query's canonical form (to recognise a query asked again)."""
         self.last_seen = now
-        norms2 = np.einsum("ij,ij->i", features, features).tolist()
-        for x, norm2, bucket, digest in zip(features, norms2, buckets, digests, strict=True):
-            self._observe_one(x, norm2, bucket, digest)
         self.queries += len(buckets)
-
-    def _observe_one(self, x: Matrix, norm2: float, bucket: int, digest: int) -> None:
-        config = self.config
-        history = self._history
-        # Benign clients ask the same query again; that says nothing of how their queries
-        # are made, so a repeat feeds neither PRADA nor the near-duplicate share.
-        repeat = bool(self._digests.filled and (self._digests.view() == digest).any())
-        self._digests.push(digest)
-        if history.filled and config.history:
-            dots, distances2 = history.products(x, norm2)
-            nearest2 = float(distances2.min())
-            nearest = math.sqrt(nearest2)
-            if not repeat:
-                # Cosines of vectors near the centre are noise: floor the norms at a small
-                # fraction of the typical distance.
-                floor = (1e-3 * self.scale) ** 2
-                denominators = np.sqrt(
-                    np.maximum(history.norms2[: history.filled], floor) * max(norm2, floor)
-                )
-                denominators[denominators == 0] = 1.0
-                similarity = float((dots / denominators).max())
-                self.novelty += config.novelty_rate * ((1.0 - similarity) - self.novelty)
-            typical = math.sqrt(float(distances2.mean()))  # root-mean-square distance
-            self.scale = typical if self.scale == 0 else self.scale + 0.05 * (typical - self.scale)
-            # Near, but not the same query again: boundary probing steps a little away
-            # from earlier queries.
-            if not repeat:
-                radius = config.near_duplicate_radius * self.scale
-                self._near.push(nearest2 > 1e-9 * (norm2 + 1e-12) and nearest < radius)
-        if config.history:
-            history.add(x, norm2)
-        self._count_bucket(bucket)
-        if not repeat:
-            self._prada_step(x, norm2)
+        self._pending_queries.append((features, buckets, digests))
+        self._pending_rows += len(buckets)
+        if self._pending_rows >= BATCH:
+            self._flush_queries()
 
     def observe_answers(self, probabilities: Matrix) -> None:
         """Answers' probability rows: margins, and which class each answer's top-1 is."""
-        if probabilities.shape[1] < 2:
-            return
-        top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
-        for low in (np.abs(top2[:, 1] - top2[:, 0]) < self.config.low_margin).tolist():
-            self._margins.push(bool(low))
-        self._classes_seen = max(self._classes_seen, probabilities.shape[1])
-        for label in np.argmax(probabilities, axis=1).tolist():
-            self._classes.push(label)
+        if probabilities.shape[1] >= 2:
+            self.observe_answer_summary(*answer_summary(probabilities))
+
+    def observe_answer_summary(
+        self, margins: NDArray[Any], labels: NDArray[Any], width: int
+    ) -> None:
+        """Answers as :func:`answer_summary` gives them (what another process shares)."""
+        self._pending_answers.append((margins, labels, width))
+        self._pending_answer_rows += len(margins)
+        if self._pending_answer_rows >= BATCH:
+            self._flush_answers()
+
+    def flush(self) -> None:
+        """Fold the queued observations into the state."""
+        if self._pending_flags:
+            self._flush_flags()
+        if self._pending_queries:
+            self._flush_queries()
+        if self._pending_answers:
+            self._flush_answers()
+
+    def _flush_flags(self) -> None:
+        self._flags.extend(self._pending_flags)
+        self._pending_flags = []
+
+    def _flush_answers(self) -> None:
+        pending, self._pending_answers = self._pending_answers, []
+        self._pending_answer_rows = 0
+        margins = np.concatenate([p[0] for p in pending]) if len(pending) > 1 else pending[0][0]
+        labels = np.concatenate([p[1] for p in pending]) if len(pending) > 1 else pending[0][1]
+        self._margins.extend(margins < self.config.low_margin)
+        self._classes_seen = max(self._classes_seen, *(p[2] for p in pending))
+        self._classes.extend(labels)
         self._class_entropy = None
 
-    def _count_bucket(self, bucket: int) -> None:
-        self._buckets.push(bucket)
-        self._entropy = None
+    def _flush_queries(self) -> None:
+        pending, self._pending_queries = self._pending_queries, []
+        self._pending_rows = 0
+        if len(pending) == 1:
+            features, buckets, digests = pending[0]
+        else:
+            features = np.concatenate([p[0] for p in pending])
+            buckets = [b for p in pending for b in p[1]]
+            digests = [d for p in pending for d in p[2]]
+        for start in range(0, len(digests), BATCH):
+            stop = start + BATCH
+            self._observe_batch(features[start:stop], buckets[start:stop], digests[start:stop])
 
-    def _prada_step(self, x: Matrix, norm2: float) -> None:
+    def _observe_batch(self, features: Matrix, buckets: list[int], digests: list[int]) -> None:
+        x = features.astype(np.float32)
+        norms2 = np.einsum("ij,ij->i", x, x)
+        # Benign clients ask the same query again; that says nothing of how their queries
+        # are made, so a repeat feeds neither PRADA, novelty nor the near-duplicate share.
+        seen = set(self._digests.view().tolist())
+        repeats = []
+        for digest in digests:
+            repeats.append(digest in seen)
+            seen.add(digest)
+        self._digests.extend(digests)
+        if self.config.history:
+            self._observe_history(x, norms2, repeats)
+            self._history.extend(x, norms2)
+        self._buckets.extend(buckets)
+        self._entropy = None
+        fresh = [i for i, repeat in enumerate(repeats) if not repeat]
+        if fresh:
+            self._prada_steps(x[fresh], norms2[fresh])
+
+    def _observe_history(self, x: NDArray[Any], norms2: NDArray[Any], repeats: list[bool]) -> None:
+        """Novelty, near-duplicates and the typical distance, against the stored history and
+        the batch's earlier queries."""
+        config = self.config
+        points, pn2 = self._history.stored()
+        candidates = np.concatenate([points, x])
+        candidate_n2 = np.concatenate([pn2, norms2])
+        dots, distances2 = _distances2(x, norms2, candidates, candidate_n2)
+        b, h = len(x), len(points)
+        valid = np.empty(dots.shape, dtype=bool)
+        # A query sees the batch's earlier queries and the history they have not replaced:
+        # exactly what it would have seen, observed alone.
+        replaced = self._history.replaced_before(np.arange(b))
+        valid[:, :h] = self._history.ages()[None, :] >= np.asarray(replaced)[:, None]
+        size = len(self._history.points)
+        valid[:, h:] = np.tri(b, b, -1, dtype=bool) & ~np.tri(b, b, -size - 1, dtype=bool)
+        counts = valid.sum(axis=1).tolist()
+        nearest2 = np.where(valid, distances2, np.inf).min(axis=1).tolist()
+        typical = np.sqrt(np.where(valid, distances2, 0.0).sum(axis=1) / np.maximum(counts, 1))
+        # Cosines of vectors near the centre are noise: floor the norms at a small fraction
+        # of the typical distance.
+        floor = np.float32((1e-3 * self.scale) ** 2)
+        denominators = np.sqrt(
+            np.maximum(candidate_n2, floor)[None, :] * np.maximum(norms2, floor)[:, None]
+        )
+        denominators[denominators == 0] = 1.0
+        similarity = np.where(valid, dots / denominators, -np.inf).max(axis=1).tolist()
+        near = []
+        for i, repeat in enumerate(repeats):
+            if not counts[i]:
+                continue
+            if not repeat:
+                self.novelty += config.novelty_rate * ((1.0 - similarity[i]) - self.novelty)
+            t = float(typical[i])  # root-mean-square distance
+            self.scale = t if self.scale == 0 else self.scale + 0.05 * (t - self.scale)
+            # Near, but not the same query again: boundary probing steps a little away
+            # from earlier queries.
+            if not repeat:
+                d2 = nearest2[i]
+                radius = config.near_duplicate_radius * self.scale
+                near.append(d2 > 1e-9 * (float(norms2[i]) + 1e-12) and math.sqrt(d2) < radius)
+        self._near.extend(near)
+
+    def _prada_steps(self, x: NDArray[Any], norms2: NDArray[Any]) -> None:
         """PRADA: grow the set, record min distances, test their normality every few queries."""
         config = self.config
         prada = self._prada
-        if not prada.filled:
-            prada.add(x, norm2)
-            return
-        d = math.sqrt(float(prada.products(x, norm2)[1].min()))
-        self._prada_distances.push(d)
-        self._prada_recent.push(d)
-        if d > self._prada_threshold:
-            prada.add(x, norm2)
-            # T ← max(T, mean − std) of the recent distances (PRADA, Algorithm 1).
-            recent = self._prada_recent.view()
-            self._prada_threshold = max(self._prada_threshold, float(recent.mean() - recent.std()))
-        self._since_test += 1
-        distances = self._prada_distances
-        if distances.filled > config.prada_min and self._since_test >= config.prada_every:
+        points, pn2 = prada.stored()
+        # Squared distances to the set's rows from the oldest on, as suffix minima: with
+        # ``e`` rows replaced by this batch's additions, the nearest is ``to_set[i][e]``.
+        to_set: list[list[float]] = [[math.inf]] * len(x)
+        if len(points):
+            order = np.argsort(prada.ages())
+            by_age = _distances2(x, norms2, points[order], pn2[order])[1]
+            suffix = np.minimum.accumulate(by_age[:, ::-1], axis=1)[:, ::-1]
+            to_set = np.concatenate([suffix, np.full((len(x), 1), np.inf)], axis=1).tolist()
+        within = _distances2(x, norms2, x, norms2)[1].tolist()
+        added: list[int] = []
+        distances: list[float] = []
+        size = len(prada.points)
+        recent = self._prada_recent
+        total, squares = self._prada_sums
+        for i in range(len(x)):
+            if not len(points) and not added:
+                added.append(i)  # the first point starts the set
+                continue
+            nearest = to_set[i][max(0, prada.filled + len(added) - size)]
+            d = math.sqrt(min([nearest, *(within[i][j] for j in added[-size:])]))
+            distances.append(d)
+            old = recent.push(d)
+            total += d - old
+            squares += d * d - old * old
+            if recent.position == 0:  # once per lap: exact sums, no drift
+                total, squares = float(recent.values.sum()), float(recent.values @ recent.values)
+            if d > self._prada_threshold:
+                added.append(i)
+                # T ← max(T, mean − std) of the recent distances (PRADA, Algorithm 1).
+                n = recent.filled
+                mean = total / n
+                std = math.sqrt(max(squares / n - mean * mean, 0.0))
+                self._prada_threshold = max(self._prada_threshold, mean - std)
+        self._prada_sums = (total, squares)
+        prada.extend(x[added], norms2[added])
+        self._prada_distances.extend(distances)
+        self._since_test += len(distances)
+        if (
+            self._prada_distances.filled > config.prada_min
+            and self._since_test >= config.prada_every
+        ):
             self._since_test = 0
-            self.prada_w = _prada_statistic(distances.view().astype(np.float64))
+            self.prada_w = _prada_statistic(self._prada_distances.view().astype(np.float64))
 
     # -- signals ---------------------------------------------------------------------------
 
     def coverage(self) -> tuple[float, float]:
         """Distinct buckets per query and the normalised entropy of the bucket histogram,
         over the window (cached until the next query)."""
+        self.flush()
         if self._entropy is None:
             window = self._buckets.filled
             if window == 0:
@@ -301,6 +471,7 @@ class Tracker:
     def class_entropy(self) -> float:
         """Normalised entropy of the answers' top-1 classes over the window: extraction needs
         answers from every class, a user mostly asks about a few (cached until an answer)."""
+        self.flush()
         if self._class_entropy is None:
             labels = self._classes.view()
             value = 0.0
@@ -313,6 +484,7 @@ class Tracker:
         return self._class_entropy
 
     def signals(self) -> dict[str, float]:
+        self.flush()
         coverage, entropy = self.coverage()
         return {
             "queries": float(self.queries),
@@ -326,6 +498,14 @@ class Tracker:
             "distribution_requests": self._flags.share,
             "logit_bias_tokens": float(len(self.logit_bias_tokens)),
         }
+
+
+def answer_summary(probabilities: Matrix) -> tuple[NDArray[Any], NDArray[Any], int]:
+    """``(top-1 minus top-2 margins, top-1 classes, classes)`` of probability rows."""
+    top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
+    margins = np.abs(top2[:, 1] - top2[:, 0])
+    labels = np.argmax(probabilities, axis=1).astype(np.int32)
+    return margins, labels, int(probabilities.shape[1])
 
 
 def _prada_statistic(distances: Matrix) -> float:

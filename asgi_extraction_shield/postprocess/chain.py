@@ -11,7 +11,7 @@ item continues it, so ``reverse_sigmoid:beta=1,gamma=0.2`` is one item.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, overload
 
 import numpy as np
@@ -27,11 +27,13 @@ class Context:
     """What a processor may key its randomness on: the secret-derived key, the rows'
     canonical inputs (in ``Outputs.keys``) and the identity's hashed key; ``request`` is
     what the shield understood of the request (its raw ``inputs``, ``features`` and
-    ``texts``), for watermarks that key on the input itself or record it."""
+    ``texts``), for watermarks that key on the input itself or record it. ``state`` is
+    the processors' scratch space for one response (a stream's pieces share it)."""
 
     key: bytes
     identity: str = ""
     request: ParsedRequest | None = None
+    state: dict[Any, Any] = field(default_factory=dict)
 
     def seeds(self, outputs: Outputs, salt: bytes) -> NDArray[np.uint64]:
         """One seed per row of ``outputs``, separated by ``salt`` (one per processor)."""

@@ -29,5 +29,10 @@ class Storage(ABC):
         Raises :class:`~asgi_extraction_shield.errors.StorageError` when the backend fails.
         """
 
+    async def peek(self, key: str, interval: float, burst: int, now: float) -> Decision:
+        """The state of ``key``'s bucket at ``now`` (remaining tokens, seconds until full),
+        without charging it: a GCRA step of cost 0, which a storage must not record."""
+        return await self.acquire(key, 0, interval, burst, now)
+
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections; called on application shutdown."""

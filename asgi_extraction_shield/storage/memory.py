@@ -71,6 +71,10 @@ class MemoryStorage(Storage):
             self._tats[key] = new_tat  # not ``tats``: a sweep rebinds the table
         return decision
 
+    async def peek(self, key: str, interval: float, burst: int, now: float) -> Decision:
+        # Never written back, so a peek neither creates an entry nor touches the overflow.
+        return gcra(self._tats.get(key), now, 0, interval, burst)[0]
+
     def _sweep(self, now: float) -> bool:
         """Drop dead entries if a sweep is due; true when there is room afterwards."""
         if now < self._next_sweep:

@@ -42,8 +42,8 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -62,53 +62,78 @@ _T = TypeVar("_T")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 """Key prefixes: no braces (they would end the hash tag), no spaces, at most 64 characters."""
 
-GCRA_SCRIPT = """
+GCRA_FUNCTION = """
 -- One GCRA step (asgi_extraction_shield.limiter.gcra) on the server's clock, in us.
--- KEYS[1]: the identity's TAT; ARGV: cost, emission interval (us), burst.
+-- key: the identity's TAT; cost, emission interval (us), burst.
 -- Returns 'allowed remaining reset_after_us retry_after_us over_capacity', one string.
-if redis.replicate_commands then redis.replicate_commands() end -- TIME before a write, Redis < 5
-local cost = tonumber(ARGV[1])
-local interval = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local base = now
-local stored = redis.call('GET', KEYS[1])
-if stored then
-  local tat = tonumber(stored)
-  if tat > now then base = tat end
+local function gcra(key, cost, interval, burst)
+  if redis.replicate_commands then redis.replicate_commands() end -- TIME, then a write
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+  local base = now
+  local stored = redis.call('GET', key)
+  if stored then
+    local tat = tonumber(stored)
+    if tat > now then base = tat end
+  end
+  local capacity = burst * interval
+  local function tokens(x) -- Python's int(x + 1e-9): truncates toward zero
+    x = x + 1e-9
+    if x < 0 then return math.ceil(x) end
+    return math.floor(x)
+  end
+  local function reply(allowed, remaining, reset_after, retry_after, over)
+    return string.format('%d %d %.17g %.17g %d', allowed, remaining, reset_after, retry_after,
+      over)
+  end
+  if cost > burst then
+    return reply(0, tokens((capacity - (base - now)) / interval), base - now, capacity, 1)
+  end
+  local new_tat = base + cost * interval
+  local allow_at = new_tat - capacity
+  if allow_at > now + 0.001 then -- 1e-9 s of slack, as in gcra
+    local remaining = math.max(0, tokens((capacity - (base - now)) / interval))
+    return reply(0, remaining, base - now, allow_at - now, 0)
+  end
+  if cost > 0 then
+    -- Expire when the bucket is full again: a missing key is a full bucket.
+    local ttl = string.format('%d', math.ceil((new_tat - now) / 1000))
+    redis.call('SET', key, string.format('%.17g', new_tat), 'PX', ttl)
+  end
+  return reply(1, math.max(0, tokens((capacity - (new_tat - now)) / interval)), new_tat - now,
+    0, 0)
 end
-local capacity = burst * interval
-local function tokens(x) -- Python's int(x + 1e-9): truncates toward zero
-  x = x + 1e-9
-  if x < 0 then return math.ceil(x) end
-  return math.floor(x)
-end
-local function reply(allowed, remaining, reset_after, retry_after, over)
-  return string.format('%d %d %.17g %.17g %d', allowed, remaining, reset_after, retry_after, over)
-end
-if cost > burst then
-  return reply(0, tokens((capacity - (base - now)) / interval), base - now, capacity, 1)
-end
-local new_tat = base + cost * interval
-local allow_at = new_tat - capacity
-if allow_at > now + 0.001 then -- 1e-9 s of slack, as in gcra
-  local remaining = math.max(0, tokens((capacity - (base - now)) / interval))
-  return reply(0, remaining, base - now, allow_at - now, 0)
-end
-if cost > 0 then
-  -- Expire when the bucket is full again: a missing key is a full bucket.
-  local ttl = string.format('%d', math.ceil((new_tat - now) / 1000))
-  redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', ttl)
-end
-return reply(1, math.max(0, tokens((capacity - (new_tat - now)) / interval)), new_tat - now, 0, 0)
 """
-GCRA_SHA = hashlib.sha1(GCRA_SCRIPT.encode()).hexdigest()
+
+GCRA_SCRIPT = (
+    GCRA_FUNCTION
+    + """
+-- KEYS[1]: the identity's TAT; ARGV: cost, emission interval (us), burst.
+return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+"""
+)
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script run with ``EVALSHA`` (its SHA-1 computed once), ``EVAL`` after NOSCRIPT."""
+
+    body: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.body.encode()).hexdigest())
+
+
+GCRA = Script(GCRA_SCRIPT)
+GCRA_SHA = GCRA.sha
 
 MAX_PIPELINE = 256
 """Most script calls sent in one pipeline; more concurrent calls use more connections."""
 
-_Batch = list[tuple[tuple[str, int, float, int], "asyncio.Future[Any]"]]
+_Call = tuple[Script, tuple[str, ...], tuple[Any, ...]]
+"""One script call: the script, its keys, its arguments."""
+_Batch = list[tuple[_Call, "asyncio.Future[Any]"]]
 
 if sys.version_info >= (3, 11):
 
@@ -119,6 +144,19 @@ if sys.version_info >= (3, 11):
 
 else:  # pragma: no cover - Python 3.10
     _within = asyncio.wait_for
+
+
+def decision_of(reply: bytes, burst: int) -> Decision:
+    """The :class:`Decision` of a GCRA script's reply."""
+    allowed, remaining, reset_us, retry_us, over = reply.split()
+    return Decision(
+        int(allowed) == 1,
+        burst,
+        int(remaining),
+        float(reset_us) / 1e6,
+        float(retry_us) / 1e6,
+        over_capacity=int(over) == 1,
+    )
 
 
 def redact(url: str) -> str:
@@ -202,6 +240,8 @@ class RedisStorage(Storage):
         self._execute = cast(Callable[..., Awaitable[Any]], self._client.execute_command)
         self._noscript = redis.exceptions.NoScriptError
         self._batch: _Batch | None = None
+        self.round_trips = 0
+        """Round-trips to Redis so far (a pipeline counts once), for the benchmark."""
         self._senders: set[asyncio.Task[None]] = set()  # strong references: tasks are weak
         self._failures: tuple[type[BaseException], ...] = (
             redis.exceptions.RedisError,
@@ -214,6 +254,13 @@ class RedisStorage(Storage):
         """The redis-py client (its pool is closed by :meth:`close`)."""
         return self._client
 
+    @property
+    def failing(self) -> bool:
+        """True after a failed call, until a call succeeds: the policy's update and the
+        monitor's exchange then leave Redis to the limiter's calls, which probe it, so a
+        request waits on a failing Redis once at the most."""
+        return self.breaker.failures > 0
+
     def key(self, identity: str) -> str:
         """The Redis key of ``identity``'s TAT, hash-tagged for Redis Cluster."""
         return f"{{{self.prefix}:{identity}}}:tat"
@@ -221,13 +268,44 @@ class RedisStorage(Storage):
     async def acquire(
         self, key: str, cost: int, interval: float, burst: int, now: float
     ) -> Decision:
+        try:
+            reply = await self.guarded(
+                lambda: self._submit(GCRA, (self.key(key),), (cost, interval * 1e6, burst))
+            )
+        except StorageError:
+            if self.fallback is None:
+                raise
+            decision = await self.fallback.acquire(key, cost, interval, burst, now)
+            return replace(decision, degraded=True)
+        return decision_of(reply, burst)
+
+    async def peek(self, key: str, interval: float, burst: int, now: float) -> Decision:
+        # The script writes nothing at cost 0: a peek is the same one round-trip.
+        try:
+            reply = await self.guarded(
+                lambda: self._submit(GCRA, (self.key(key),), (0, interval * 1e6, burst))
+            )
+        except StorageError:
+            if self.fallback is None:
+                raise
+            decision = await self.fallback.peek(key, interval, burst, now)
+            return replace(decision, degraded=True)
+        return decision_of(reply, burst)
+
+    async def guarded(self, make: Callable[[], Awaitable[_T]]) -> _T:
+        """``await make()`` within the timeout and through the circuit breaker.
+
+        Raises :class:`StorageError` when Redis fails or the circuit is open; the
+        breaker counts the failures of every caller (limiter, policy, monitor) alike.
+        """
         breaker = self.breaker
         if not breaker.allow():
-            return await self._unavailable(key, cost, interval, burst, now, None)
-        try:
-            reply = await _within(
-                self._submit((self.key(key), cost, interval * 1e6, burst)), self.timeout
+            raise StorageError(
+                f"Redis storage {self.url} unavailable: circuit open after "
+                f"{breaker.failures} consecutive failures"
             )
+        try:
+            result = await _within(make(), self.timeout)
         except self._failures as exc:
             if breaker.failed():
                 logger.warning(
@@ -239,23 +317,25 @@ class RedisStorage(Storage):
                     breaker.cooldown,
                     "fall back to this process's memory" if self.fallback else "fail",
                 )
-            return await self._unavailable(key, cost, interval, burst, now, exc)
+            raise StorageError(f"Redis storage {self.url} unavailable: {exc!r}") from exc
         except BaseException:
             breaker.abandoned()
             raise
         if breaker.succeeded():
             logger.warning("Redis storage %s answers again: circuit closed", self.url)
-        allowed, remaining, reset_us, retry_us, over = reply.split()
-        return Decision(
-            int(allowed) == 1,
-            burst,
-            int(remaining),
-            float(reset_us) / 1e6,
-            float(retry_us) / 1e6,
-            over_capacity=int(over) == 1,
-        )
+        return result
 
-    def _submit(self, args: tuple[str, int, float, int]) -> asyncio.Future[Any]:
+    def call(self, script: Script, keys: tuple[str, ...], argv: tuple[Any, ...]) -> Awaitable[Any]:
+        """Run ``script`` (guarded, pipelined with the other calls of this turn)."""
+        return self.guarded(lambda: self._submit(script, keys, argv))
+
+    def call_all(self, calls: Sequence[_Call]) -> Awaitable[list[Any]]:
+        """Run several scripts in one pipeline, guarded as one call; their replies."""
+        return self.guarded(lambda: asyncio.gather(*(self._submit(*call) for call in calls)))
+
+    def _submit(
+        self, script: Script, keys: tuple[str, ...], argv: tuple[Any, ...]
+    ) -> asyncio.Future[Any]:
         """Queue one script call; the future gets its reply (or the error).
 
         Automatic pipelining, as in ioredis: the calls made while the event loop runs
@@ -273,7 +353,7 @@ class RedisStorage(Storage):
             sender = loop.create_task(self._send(batch))
             self._senders.add(sender)
             sender.add_done_callback(self._senders.discard)
-        batch.append((args, future))
+        batch.append(((script, keys, argv), future))
         return future
 
     async def _send(self, batch: _Batch) -> None:
@@ -281,7 +361,7 @@ class RedisStorage(Storage):
             self._batch = None  # later calls start the next batch
         try:
             # Bounded too: a frozen Redis must not hold a pooled connection for ever.
-            replies = await _within(self._pipeline([args for args, _ in batch]), self.timeout)
+            replies = await _within(self._pipeline([call for call, _ in batch]), self.timeout)
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
@@ -295,47 +375,30 @@ class RedisStorage(Storage):
             else:
                 future.set_result(reply)
 
-    async def _pipeline(self, calls: list[tuple[str, int, float, int]]) -> list[Any]:
+    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
+        self.round_trips += 1
         if len(calls) == 1:  # alone: a plain command costs less than a pipeline of one
-            key, *argv = calls[0]
+            script, keys, argv = calls[0]
             try:
-                return [await self._execute("EVALSHA", GCRA_SHA, 1, key, *argv)]
+                return [await self._execute("EVALSHA", script.sha, len(keys), *keys, *argv)]
             except self._noscript:
-                return [await self._execute("EVAL", GCRA_SCRIPT, 1, key, *argv)]
+                return [await self._execute("EVAL", script.body, len(keys), *keys, *argv)]
         pipe = self._client.pipeline(transaction=False)
-        for key, *argv in calls:
-            pipe.execute_command("EVALSHA", GCRA_SHA, 1, key, *argv)
+        for script, keys, argv in calls:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *argv)
         replies = await pipe.execute(raise_on_error=False)
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, self._noscript)]
         if lost:
             # The server lost its script cache (restart, failover, SCRIPT FLUSH). EVAL
             # sends the body, which also caches it again: one more round-trip, once.
+            self.round_trips += 1
             pipe = self._client.pipeline(transaction=False)
             for i in lost:
-                key, *argv = calls[i]
-                pipe.execute_command("EVAL", GCRA_SCRIPT, 1, key, *argv)
+                script, keys, argv = calls[i]
+                pipe.execute_command("EVAL", script.body, len(keys), *keys, *argv)
             for i, reply in zip(lost, await pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
         return replies
-
-    async def _unavailable(
-        self,
-        key: str,
-        cost: int,
-        interval: float,
-        burst: int,
-        now: float,
-        exc: BaseException | None,
-    ) -> Decision:
-        if self.fallback is None:
-            reason = (
-                repr(exc)
-                if exc is not None
-                else f"circuit open after {self.breaker.failures} consecutive failures"
-            )
-            raise StorageError(f"Redis storage {self.url} unavailable: {reason}") from exc
-        decision = await self.fallback.acquire(key, cost, interval, burst, now)
-        return replace(decision, degraded=True)
 
     async def close(self) -> None:
         """Close the connection pool (on application shutdown)."""

@@ -19,6 +19,8 @@ from ..postprocess.chain import parse_chain
 from .base import Scheme, VerifyResult, Watermark, watermark_key
 from .dawn import DAWN
 from .drw import DRW
+from .embmarker import EmbMarker, EmbMarkerScheme
+from .text import TextMark, TextScheme
 
 if TYPE_CHECKING:
     from ..settings import ShieldSettings
@@ -38,10 +40,20 @@ __all__ = [
 
 logger = logging.getLogger("asgi_extraction_shield")
 
-WATERMARKS: dict[str, type[Watermark]] = {DAWN.name: DAWN, DRW.name: DRW}
+WATERMARKS: dict[str, type[Watermark]] = {
+    DAWN.name: DAWN,
+    DRW.name: DRW,
+    EmbMarker.name: EmbMarker,
+    TextMark.name: TextMark,
+}
 """Watermark processors by name (the names ``WATERMARK`` accepts)."""
 
-SCHEMES: dict[str, type[Scheme]] = {DAWN.name: DAWN, DRW.name: DRW}
+SCHEMES: dict[str, type[Scheme]] = {
+    DAWN.name: DAWN,
+    DRW.name: DRW,
+    EmbMarkerScheme.name: EmbMarkerScheme,
+    TextScheme.name: TextScheme,
+}
 """Verifiers by name (the names ``verify --scheme`` accepts), built with the same
 parameters as the processor of that name."""
 

@@ -5,25 +5,29 @@ most ``max_identities`` identities, least recently marked forgotten first; a que
 again is not recorded twice); and, when a path
 is set (``WATERMARK_RECORDS_PATH``), appended to a JSONL file, one object per line with
 at least ``input`` (the query as the API took it), which ``extraction-shield verify
---records`` reads. A file that cannot be written never fails a request: the error is
-logged (as a ``storage_error`` line, at most once a minute) and the memory copy is kept.
+--records`` reads; on Redis, also to a list per identity (:mod:`..storage.redis_records`,
+exported by ``extraction-shield records``). A file that cannot be written never fails a
+request: the error is logged (as a ``storage_error`` line, at most once a minute) and the
+memory copy is kept.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-logger = logging.getLogger("asgi_extraction_shield")
+from ..events import OccasionalErrorLog
 
-ERROR_LOG_INTERVAL = 60.0
+
+class RecordSink(Protocol):
+    def add(self, identity: str, records: list[dict[str, Any]]) -> None:
+        """Take the records of ``identity``; never raises, never blocks."""
+        ...
 
 
 class RecordStore:
@@ -40,9 +44,10 @@ class RecordStore:
         self.per_identity = per_identity
         self.max_identities = max_identities
         self.write_errors = 0
-        self._clock = clock
-        self._last_error_log = -float("inf")
+        self._errors = OccasionalErrorLog("watermark records", clock=clock)
         self._by_identity: OrderedDict[str, OrderedDict[bytes, dict[str, Any]]] = OrderedDict()
+        self.sink: RecordSink | None = None
+        """Where records also go, e.g. Redis (:mod:`..storage.redis_records`)."""
 
     def add(self, identity: str, records: Iterable[tuple[bytes, dict[str, Any]]]) -> None:
         """Record ``(canonical key, record)`` pairs; a key already held is only refreshed."""
@@ -61,8 +66,12 @@ class RecordStore:
             if len(kept) > self.per_identity:
                 kept.popitem(last=False)
         self._by_identity[identity] = kept
-        if new and self.path is not None:
+        if not new:
+            return
+        if self.path is not None:
             self._append(new)
+        if self.sink is not None:
+            self.sink.add(identity, new)
 
     def records(self, identity: str | None = None) -> list[dict[str, Any]]:
         """The records in memory, of one identity (its hashed key) or of all."""
@@ -89,21 +98,7 @@ class RecordStore:
                 out.write(data)
         except (OSError, TypeError, orjson.JSONEncodeError) as exc:
             self.write_errors += 1
-            now = self._clock()
-            if now - self._last_error_log >= ERROR_LOG_INTERVAL:
-                self._last_error_log = now
-                logger.error(
-                    json.dumps(
-                        {
-                            "kind": "storage_error",
-                            "signals": {
-                                "what": "watermark records",
-                                "error": type(exc).__name__,
-                                "errors": self.write_errors,
-                            },
-                        }
-                    )
-                )
+            self._errors.report(error=type(exc).__name__, errors=self.write_errors)
 
 
 def _line(row: dict[str, Any]) -> bytes:

@@ -44,11 +44,12 @@ from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.svm import SVC
 
 from asgi_extraction_shield import ExtractionShield
+from asgi_extraction_shield.audit.attacks import knockoff
 from asgi_extraction_shield.verify import verify
 from asgi_extraction_shield.watermark.dawn import DAWN
 from asgi_extraction_shield.watermark.drw import DRW
 
-from .attacks import augment, knockoff
+from .attacks import augment
 from .config import SECRET_KEY
 from .victim import PREDICT_PATH, Array, Victim, load_data, make_app, scaled
 from .world import quiet_shield_logs
@@ -187,7 +188,7 @@ def run(
     (dawn,) = [w for w in shield.watermarks if isinstance(w, DAWN)]
     (marked_by_drw,) = [w for w in shield.watermarks if isinstance(w, DRW)]
     rng = np.random.default_rng(config.seed)
-    strategy = knockoff(data.x_pool, rng, config.seed)
+    strategy = knockoff(augment)(data.x_pool, rng, config.seed)
     queries = np.asarray([next(strategy) for _ in range(max(config.budgets))])
     with quiet_shield_logs():
         answers = asyncio.run(_ask(shield, queries, config.batch, THIEF_KEY))

@@ -5,7 +5,7 @@ client address so that the shield sees the right IP; the API key in ``x-api-key`
 is a fake clock the simulation sets before each request: clients act in the order of
 their own schedules, nobody sleeps, and a run is deterministic. After every request the
 world records what the shield now thinks of the client: its policy level and risk
-(``shield.policy.state``), the monitor's assessment of that request, the client's own
+(``shield.policy.inspect``), the monitor's assessment of that request, the client's own
 signals (``shield.monitor.signals_of``) and those of the pools it belongs to.
 """
 
@@ -25,11 +25,11 @@ import numpy as np
 import orjson
 
 from asgi_extraction_shield import ExtractionShield, Identity, ShieldEvent, ShieldSettings
+from asgi_extraction_shield.audit.attacks import Campaign
 from asgi_extraction_shield.formats.base import ParsedRequest
 from asgi_extraction_shield.monitor import Assessment, ExtractionMonitor, SignalRule, risk_of
 from asgi_extraction_shield.policy import LEVELS
 
-from .attacks import Strategy
 from .benign import BenignPlan
 from .config import SECRET_KEY
 from .victim import PREDICT_PATH, Array, Labels, Victim, make_app
@@ -109,38 +109,6 @@ class Trace:
 
     def count(self, outcome: Outcome) -> int:
         return self.outcome.count(outcome)
-
-
-@dataclass
-class Campaign:
-    """One attack, driven from one identity or many; its log is what the thief learned."""
-
-    strategy: Strategy
-    budget: int
-    queries: list[Array] = field(default_factory=list)
-    answers: list[Array | None] = field(default_factory=list)
-    done: bool = False
-    _pending: Array | None = None
-
-    def next_query(self) -> Array | None:
-        if self.done or len(self.queries) >= self.budget:
-            return None
-        if self._pending is None:
-            try:
-                self._pending = next(self.strategy)
-            except StopIteration:
-                self.done = True
-                return None
-        return self._pending
-
-    def deliver(self, answer: Array | None) -> None:
-        assert self._pending is not None
-        self.queries.append(self._pending)
-        self.answers.append(answer)
-        try:
-            self._pending = self.strategy.send(answer)
-        except StopIteration:
-            self.done, self._pending = True, None
 
 
 @dataclass
@@ -273,7 +241,7 @@ async def simulate(
             clock.now = when
             sent_before = len(campaign.queries) if campaign is not None else 0
             outcome, answer, retry_after = await _ask(clients[actor.ip], actor.api_key, x)
-            _record(actor.trace, shield, recorder, pools, when, outcome, sent_before + 1)
+            await _record(actor.trace, shield, recorder, pools, when, outcome, sent_before + 1)
             actor.trace.answer_classes.append(-1 if answer is None else int(np.argmax(answer)))
             if actor.plan is not None and answer is not None:
                 truth = held_labels[actor.plan.items[actor.step]]
@@ -334,7 +302,7 @@ async def _ask(
     return "error", None, retry_after
 
 
-def _record(
+async def _record(
     trace: Trace,
     shield: ExtractionShield,
     recorder: RecordingMonitor | None,
@@ -350,12 +318,11 @@ def _record(
         trace.risk.append(0.0)
         trace.level.append(0)
         return
-    state = shield.policy.state(trace.key) if hasattr(shield.policy, "state") else None
+    state = await shield.policy.inspect(trace.key)
     assessment = recorder.last.pop(trace.key, None)
     if state is not None:
-        risk, level, _ = state
-        trace.risk.append(float(risk))
-        trace.level.append(LEVELS.index(level))
+        trace.risk.append(float(state.risk))
+        trace.level.append(LEVELS.index(state.level))
         if trace.level[-1] >= DEGRADE and not trace.flagged_by and assessment is not None:
             trace.flagged_by = {"risk": assessment.risk, **assessment.signals}
     else:
