@@ -70,7 +70,10 @@ class KServeV1:
         scores = numeric_matrix(predictions)
         if scores is not None:
             return Outputs(keys, scores=scores)
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in predictions):
+        if all(
+            isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
+            for v in predictions
+        ):
             return Outputs(keys, labels=np.asarray(predictions, dtype=np.int64))
         return None
 
