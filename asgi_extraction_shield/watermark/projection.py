@@ -84,7 +84,11 @@ def projections(x: Matrix, key: bytes, label: str, m: int) -> Matrix:
 
 def phase(x: Matrix, key: bytes) -> NDArray[np.float64]:
     """DRW's keyed phase ``t = Φ(⟨w, x̃⟩)`` in (0, 1) of each unit direction."""
-    z = projections(x, key, "phase", 1)[:, 0]
+    return to_phase(projections(x, key, "phase", 1)[:, 0])
+
+
+def to_phase(z: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``Φ(z)``, the standard normal distribution function."""
     erf = np.vectorize(math.erf, otypes=[np.float64])
     out: NDArray[np.float64] = 0.5 * (1.0 + erf(z / math.sqrt(2.0)))
     return out
