@@ -16,6 +16,7 @@ from asgi_extraction_shield import ConfigurationError, ShieldEvent
 from asgi_extraction_shield.formats.base import ParsedRequest
 from asgi_extraction_shield.identity import Identity
 from asgi_extraction_shield.monitor import ExtractionMonitor, NullMonitor, SignalRule, risk_of
+from asgi_extraction_shield.monitor.detector import Members
 from asgi_extraction_shield.monitor.features import Featurizer
 from asgi_extraction_shield.monitor.tracker import Tracker, TrackerConfig
 from asgi_extraction_shield.settings import ShieldSettings
@@ -433,3 +434,14 @@ def test_pools_count_only_how_queries_are_made() -> None:
     assert "coverage" not in monitor.pool_rules and "class_entropy" not in monitor.pool_rules
     # pools have their own, stricter PRADA threshold
     assert monitor.pool_rules["prada_w"].low == 0.88 and monitor.rules["prada_w"].low == 0.94
+
+
+def test_pool_members_keep_their_total_and_evict_the_smallest() -> None:
+    members = Members(limit=3)
+    for key, queries in [("a", 5), ("b", 1), ("c", 2), ("a", 3)]:
+        members.count(key, queries)
+    assert members.total == 11 and members.share_ratio("a") == 1.0  # 8/11 · 3 > 1: capped
+    assert members.share_ratio("b") == pytest.approx(1 / 11 * 3)
+    members.count("d", 4)  # full: "b", the smallest, goes
+    assert members.counts == {"a": 8, "c": 2, "d": 4} and members.total == 14
+    assert members.share_ratio("b") == 0.0 and Members(2).share_ratio("x") == 0.0

@@ -89,7 +89,7 @@ class ExtractionMonitor:
         self.pool_rules = {k: v for k, v in base.items() if k in POOL_SIGNALS}
         self.min_queries = min_queries
         self.identities: LRUCache[str, Tracker] = LRUCache(max_identities)
-        self.pools: LRUCache[str, tuple[Tracker, dict[str, int]]] = LRUCache(max_pools)
+        self.pools: LRUCache[str, tuple[Tracker, Members]] = LRUCache(max_pools)
         self.pool_kinds = pools
         self.ipv4_pool_prefix = ipv4_pool_prefix
         self.ipv6_pool_prefix = ipv6_pool_prefix
@@ -138,7 +138,7 @@ class ExtractionMonitor:
         for pool in pools:
             tracker, members = self._pool(pool, now)
             self._feed(tracker, observation, features, now)
-            _count_member(members, identity.key, observation.queries, self.max_members)
+            members.count(identity.key, observation.queries)
         if self.shared is not None:
             self.shared.record([identity.key, *(p for p in pools if p != ALL)], observation)
         return self._assessment(identity.key, pools)
@@ -151,7 +151,7 @@ class ExtractionMonitor:
                 continue  # a baseline for operators: mostly benign, never attributed
             tracker, members = self.pools[pool]
             pool_risk, pool_signals, pool_scores = self._assess(tracker, self.pool_rules)
-            attributed = pool_risk * _share_ratio(members, key)
+            attributed = pool_risk * members.share_ratio(key)
             if attributed > risk:
                 risk = attributed
                 signals = {
@@ -199,7 +199,7 @@ class ExtractionMonitor:
         features = None if rows is None else rows - self._means[0 if not observation.text else 1]
         self._feed(tracker, observation, features, now)
         if pool is not None:
-            _count_member(pool[1], observation.identity, observation.queries, self.max_members)
+            pool[1].count(observation.identity, observation.queries)
 
     def _feed(
         self, tracker: Tracker, observation: Observation, features: Matrix | None, now: float
@@ -285,10 +285,13 @@ class ExtractionMonitor:
             tracker = self.identities[key] = Tracker(self.config, self.dim, now)
         return tracker
 
-    def _pool(self, key: str, now: float) -> tuple[Tracker, dict[str, int]]:
+    def _pool(self, key: str, now: float) -> tuple[Tracker, Members]:
         entry = self.pools.get(key)
         if entry is None:
-            entry = self.pools[key] = (Tracker(self.pool_config, self.dim, now), {})
+            entry = self.pools[key] = (
+                Tracker(self.pool_config, self.dim, now),
+                Members(self.max_members),
+            )
         return entry
 
     def _assess(
@@ -331,16 +334,27 @@ def _digests(request: ParsedRequest, rows: Matrix | None) -> list[int]:
     ]
 
 
-def _count_member(members: dict[str, int], key: str, count: int, limit: int) -> None:
-    if key not in members and len(members) >= limit:
-        smallest = min(members, key=members.__getitem__)
-        del members[smallest]
-    members[key] = members.get(key, 0) + count
+class Members:
+    """Queries per member of a pool (at most ``limit`` members: the one with the fewest
+    goes first) and their total, kept as they change."""
 
+    __slots__ = ("counts", "limit", "total")
 
-def _share_ratio(members: dict[str, int], key: str) -> float:
-    """The member's share of the pool's queries relative to an even share, capped at 1."""
-    total = sum(members.values())
-    if not total:
-        return 0.0
-    return min(1.0, members.get(key, 0) / total * len(members))
+    def __init__(self, limit: int) -> None:
+        self.counts: dict[str, int] = {}
+        self.limit = limit
+        self.total = 0
+
+    def count(self, key: str, queries: int) -> None:
+        counts = self.counts
+        if key not in counts and len(counts) >= self.limit:
+            smallest = min(counts, key=counts.__getitem__)
+            self.total -= counts.pop(smallest)
+        counts[key] = counts.get(key, 0) + queries
+        self.total += queries
+
+    def share_ratio(self, key: str) -> float:
+        """The member's share of the pool's queries relative to an even share, capped at 1."""
+        if not self.total:
+            return 0.0
+        return min(1.0, self.counts.get(key, 0) / self.total * len(self.counts))
