@@ -18,7 +18,7 @@ from .errors import ConfigurationError, StorageError
 from .keys import generate_secret
 from .settings import ShieldSettings
 from .verify import DEFAULT_ALPHA, DEFAULT_PROBES, FORMATS, VerificationError, verify
-from .watermark import parse_watermarks
+from .watermark import SCHEMES, parse_watermarks
 
 
 def _settings(args: argparse.Namespace) -> int:
@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--scheme",
         required=True,
-        help="the watermark: 'dawn', 'drw' or 'name:param=value,...'; a bare name takes the "
+        help=f"the watermark: {', '.join(sorted(SCHEMES))} or 'name:param=value,...'; a bare "
+        "name takes the "
         "parameters EXTRACTION_SHIELD_WATERMARK gives it",
     )
     check.add_argument("--suspect", required=True, help="http(s) URL or JSONL path")
