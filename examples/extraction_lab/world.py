@@ -333,7 +333,9 @@ async def _record(
     if signals is not None:
         trace.signals.append(signals)
     if not trace.pools:
-        trace.pools = [k for k, (_, members) in monitor.pools.items() if trace.key in members]
+        trace.pools = [
+            k for k, (_, members) in monitor.pools.items() if trace.key in members.counts
+        ]
     for key in trace.pools:
         entry = monitor.pools.get(key)
         if entry is None:
@@ -347,7 +349,7 @@ async def _record(
         rules = getattr(monitor, "pool_rules", monitor.rules)
         pool.risk.append(risk_of(pool_signals, rules, monitor.min_queries)[0])
         pool.signals.append(pool_signals)
-        pool.members = len(members)
+        pool.members = len(members.counts)
 
 
 def aligned_start(cohort_seconds: float, offset: float = 30.0) -> float:
