@@ -227,8 +227,9 @@ def run(
         detail = ""
         if verdict.scheme == "dawn":
             detail = (
-                f"keyed label on top in {verdict.details.get('regions_agreeing', 0)}"
-                f"/{verdict.details.get('regions', 0)} regions"
+                f"keyed label on top in {verdict.details.get('units_agreeing', 0)}"
+                f"/{verdict.details.get('units', 0)} units of "
+                f"{verdict.details.get('regions', 0)} regions"
             )
         result.rows.append(
             Row(suspect, budget, verdict.scheme, verdict.p_value, verdict.probes, detail)
