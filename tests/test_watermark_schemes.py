@@ -196,6 +196,40 @@ def test_drw_p_values_are_uniform_for_independent_models() -> None:
     assert min(p_values) > 1e-4
 
 
+def test_drw_linear_test_is_exactly_normal_for_independent_models() -> None:
+    """Below k = 2π DRW is tested by z = <b, w> / |b|: exactly N(0, 1) for a model that
+    never saw the key, whatever the inputs' structure (here blobs near 5 centres)."""
+    x = blobs(400, 23)
+    answers = one_by_one(model(x))
+    drw = DRW(k=4.0)
+    results = [
+        drw.test(watermark_key(f"{SECRET}-{i}", "drw"), x.tolist(), answers, 1e-3)
+        for i in range(300)
+    ]
+    assert all(r.details["test"] == "linear" for r in results)
+    z = np.asarray([r.details["z"] for r in results])
+    assert stats.kstest(z, "norm").pvalue > 0.01
+    assert stats.kstest([r.p_value for r in results], "uniform").pvalue > 0.01
+
+
+def test_drw_linear_test_detects_a_slow_mark_and_not_with_a_wrong_key() -> None:
+    # The evidence of one keyed direction grows as the square root of the inputs' width:
+    # 64 features here (digits' pixels), a perfect copy.
+    rng = np.random.default_rng(24)
+    x = rng.normal(0.0, 1.0, (1500, 64))
+    request = batch_request(KServeV1(), x.tolist())
+    outputs = Outputs(request.keys, probabilities=softmax(x @ rng.normal(0.0, 0.3, (64, 5))))
+    drw = bound("drw:k=3")
+    drw.apply(outputs, Context(b"unused", "thief", request))
+    copied = outputs.probabilities
+    assert copied is not None
+    key = watermark_key(SECRET, "drw")
+    result = drw.test(key, x.tolist(), one_by_one(copied), 1e-3)
+    assert result.details["test"] == "linear" and result.p_value < 1e-6, result
+    wrong = drw.test(watermark_key(SECRET + "x", "drw"), x.tolist(), one_by_one(copied), 1e-3)
+    assert not wrong.verdict
+
+
 # -- DAWN ------------------------------------------------------------------------------------
 
 

@@ -65,7 +65,7 @@ class WatermarkConfig:
     budgets: tuple[int, ...] = (1_000, 2_000, 5_000, 20_000)
     watermark: str = "drw:k=4,dawn:rate=0.02"
     independent: int = 20
-    drw_probes: int = 2_000
+    drw_probes: int = 8_000
     drw_nulls: int = 200
     seed: int = 20261129
     batch: int = 250
