@@ -407,9 +407,9 @@ class ShieldSettings(BaseSettings):
     watermark_records_path: str = Field(
         "",
         description="JSONL file where record-keeping watermarks (dawn) append the queries "
-        "they marked, one object per line with the 'input' (for `verify --records`); "
-        "empty: kept in memory only. On Redis (STORAGE_URL) they are also kept there, for "
-        "`extraction-shield records`.",
+        "they marked, one object per line with the 'input' and the model's own 'answer' "
+        "(both needed by `verify --records`); empty: kept in memory only. On Redis "
+        "(STORAGE_URL) they are also kept there, for `extraction-shield records`.",
     )
     max_response_bytes: int = Field(
         32 * 1024 * 1024,

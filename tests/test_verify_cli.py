@@ -25,8 +25,14 @@ SECRET = "verify-cli-secret-never-printed"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "model_server.py"
 
 
+def records_of(answers: Path) -> Path:
+    """Where :func:`answers_file` has the shield write the queries it marked."""
+    return answers.with_name(answers.stem + "-records.jsonl")
+
+
 def answers_file(path: Path, spec: str, n: int = 400) -> Path:
-    """A JSONL file of a perfect copy's answers: the watermarked rows of a fixed model."""
+    """A JSONL file of a perfect copy's answers: the watermarked rows of a fixed model
+    (and the records of the marked queries, :func:`records_of`)."""
     rng = np.random.default_rng(3)
     x = rng.normal(0, 1, (n, 12)) + rng.integers(0, 4, (n, 1))
     weights = np.random.default_rng(4).normal(0, 1, (12, 4))
@@ -35,7 +41,8 @@ def answers_file(path: Path, spec: str, n: int = 400) -> Path:
     p /= p.sum(axis=1, keepdims=True)
     request = batch_request(KServeV1(), x.tolist())
     outputs = Outputs(request.keys, probabilities=p)
-    for watermark in build_watermarks(ShieldSettings(watermark=spec), SECRET.encode()):
+    settings = ShieldSettings(watermark=spec, watermark_records_path=str(records_of(path)))
+    for watermark in build_watermarks(settings, SECRET.encode()):
         watermark.apply(outputs, Context(b"", "thief", request))
     assert outputs.probabilities is not None
     lines = [
@@ -78,9 +85,15 @@ def test_a_bare_scheme_takes_the_parameters_of_watermark(
 ) -> None:
     path = answers_file(tmp_path / "suspect.jsonl", "dawn:rate=0.3")
     env.setenv("EXTRACTION_SHIELD_WATERMARK", "drw,dawn:rate=0.3")
-    assert main(["verify", "--scheme", "dawn", "--suspect", str(path), "--json"]) == 0
+    args = ["verify", "--scheme", "dawn", "--suspect", str(path), "--json"]
+    assert main([*args, "--records", str(records_of(path))]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["verdict"] is True and result["details"]["regions"] >= 10
+    # Without the records, the model's own answers (half of each keyed label's unit) are
+    # unknown: the verifier says so instead of finding anything.
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["details"]["answers_known"] == 0
 
 
 @pytest.mark.parametrize(

@@ -3,30 +3,39 @@
 
 Every input falls in a keyed *region* (:func:`~.projection.cells`: a cell of a keyed,
 offset grid over ``dims`` keyed projections of its direction, ``width`` wide). A keyed
-fraction ``rate`` of regions is marked, and each marked region has a keyed label ``c``,
-uniform over the classes and independent of everything else. Queries in a marked region
-are answered ``c``: a label answer becomes ``c``; in a probability row the top class and
-``c`` swap values, so the row stays the same distribution, with ``c`` on top. The marked
-queries are recorded (:class:`~.records.RecordStore`, ``WATERMARK_RECORDS_PATH``).
+fraction ``rate`` of regions is marked. In a marked region, each of the model's answers
+``a`` has its own keyed label ``c(region, a)``, uniform over the classes and independent
+of everything else: the *unit* of a label is the region and the model's answer there.
+Queries in a marked region are answered ``c``: a label answer becomes ``c``; in a
+probability row the top class and ``c`` swap values, so the row stays the same
+distribution, with ``c`` on top. The marked queries are recorded with the model's own
+answer (:class:`~.records.RecordStore`, ``WATERMARK_RECORDS_PATH``).
 
 Why regions: a wrong answer on one exact input does not survive in a substitute that
 generalises (its correctly answered neighbours outvote it); a region answered alike is
-learned like any other part of the decision function. Inputs that are neither numeric
-rows nor texts are marked one by one (their canonical bytes are the region).
+learned like any other part of the decision function. Why units: the p-value of a test
+that draws one keyed label per region cannot fall below ``K^-R`` for ``R`` regions, and
+a thief of 2,000 queries touches few marked regions (9 on the lab's digits at
+``rate=0.02``); a marked region holds several of the model's classes, each a contiguous
+piece of input space that a substitute learns as a whole, so a label per (region,
+answer) multiplies the keyed evidence (22 units in those 9 regions) at the same cost.
+Inputs that are neither numeric rows nor texts are marked one by one (their canonical
+bytes are the region).
 
-Verification asks the suspect the recorded queries and scores, in each marked region, the
-region's keyed label ``c``: by the number of the suspect's answers that are ``c`` (label
-answers), or by the rank of ``c`` among the classes by the suspect's mean probability
-there (probability answers: a soft copy may move ``c`` up without making it the top).
-For a model that never saw the marks, each region's ``c`` is a uniform class independent
-of its answers, so given the suspect's answers the sum of scores has a known null
-distribution: a sum over regions of "the score of a uniformly chosen class", whose tail
-:func:`~.stats.keyed_choice_sf` computes exactly by convolution, whatever the suspect's
-own label distribution. Answers are never treated as independent: all answers of a
-region share one keyed label.
+Verification asks the suspect the recorded queries and scores, in each marked unit (the
+records give the model's answer; a record without it, as older versions wrote, has its
+region as unit), the unit's keyed label ``c``: by the number of the suspect's answers
+that are ``c`` (label answers), or by the rank of ``c`` among the classes by the
+suspect's mean probability there (probability answers: a soft copy may move ``c`` up
+without making it the top). For a model that never saw the marks, each unit's ``c`` is
+a uniform class independent of its answers, so given the suspect's answers the sum of
+scores has a known null distribution: a sum over units of "the score of a uniformly
+chosen class", whose tail :func:`~.stats.keyed_choice_sf` computes exactly by
+convolution, whatever the suspect's own label distribution. Answers are never treated as
+independent: all answers of a unit share one keyed label.
 
 Cost to legitimate users: a fraction ``rate`` of regions, so about ``rate`` of answers
-(``rate·(1 − 1/K)`` change: a marked region's label is the true one 1/K of the time),
+(``rate·(1 − 1/K)`` change: a unit's label is the model's own answer 1/K of the time),
 changes its top label; answers outside marked regions are untouched.
 """
 
@@ -81,6 +90,9 @@ class DAWN(Watermark):
         self.rate, self.dims, self.width = rate, dims, width
         self.classes, self.keep = classes, keep
         self.store = RecordStore(None, keep)
+        self.answers: dict[bytes, int] = {}
+        """The marked model's own answer to each recorded query (from the records), by
+        canonical input: with the region, the unit of a keyed label."""
 
     def bind(self, secret: bytes, settings: ShieldSettings | None = None) -> None:
         super().bind(secret, settings)
@@ -97,11 +109,19 @@ class DAWN(Watermark):
         return cells(x, key, self.dims, self.width)
 
     def marks(
-        self, key: bytes, regions: Sequence[bytes], n_classes: int
+        self,
+        key: bytes,
+        regions: Sequence[bytes],
+        n_classes: int,
+        answers: Sequence[int | None] | None = None,
     ) -> tuple[NDArray[np.bool_], NDArray[np.int64]]:
-        """Whether each region is marked, and its keyed label."""
+        """Whether each region is marked, and the keyed label of each query: drawn for its
+        *unit*, the region and the model's own answer there (``answers[i]``; a query whose
+        answer is unknown, ``None``, has the region alone as its unit)."""
         marked = row_seeds(key, regions, b"mark").astype(np.float64) < self.rate * _TWO64
-        labels = (row_seeds(key, regions, b"label") % np.uint64(n_classes)).astype(np.int64)
+        labels = (row_seeds(key, units(regions, answers), b"label") % np.uint64(n_classes)).astype(
+            np.int64
+        )
         return marked, labels
 
     # -- marking ------------------------------------------------------------------------------
@@ -114,14 +134,17 @@ class DAWN(Watermark):
         n_classes = p.shape[1] if p is not None else self.classes
         if n_classes < 2 or (p is None and given is None):
             return False
-        marked, labels = self.marks(self.key, self.regions(self.key, request.inputs), n_classes)
+        regions = self.regions(self.key, request.inputs)
+        marked = self.marks(self.key, regions, n_classes)[0]
         if not marked.any():
             return False
         rows = np.flatnonzero(marked)
+        tops = np.argmax(p, axis=1) if p is not None else np.asarray(given)
+        answers = tops.astype(np.int64).tolist()
+        labels = self.marks(self.key, regions, n_classes, answers)[1]
         if p is not None:
             p = p.copy()
-            top = np.argmax(p[rows], axis=1)
-            c = labels[rows]
+            top, c = tops[rows], labels[rows]
             p[rows, top], p[rows, c] = p[rows, c], p[rows, top].copy()
             outputs.probabilities = p
         if given is not None:
@@ -137,6 +160,7 @@ class DAWN(Watermark):
                     {
                         "input": request.inputs[i],
                         "label": int(labels[i]),
+                        "answer": int(answers[i]),
                         "identity": ctx.identity,
                         "time": now,
                     },
@@ -151,9 +175,13 @@ class DAWN(Watermark):
     def probes(self, key: bytes, n: int, records: Sequence[dict[str, Any]]) -> list[Any]:
         inputs: list[Any] = []
         seen: set[bytes] = set()
+        self.answers = {}
         for record in records:
             item = record["input"]
             k = canonical(item)
+            answer = record.get("answer")
+            if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < 2**31:
+                self.answers.setdefault(k, answer)
             if k not in seen:
                 seen.add(k)
                 inputs.append(item)
@@ -172,16 +200,20 @@ class DAWN(Watermark):
         if found is None:
             return VerifyResult.decide(self.name, 0.0, 1.0, 0, alpha, reason="no answers")
         index, rows, kind = found
-        regions = self.regions(key, [inputs[i] for i in index])
-        marked, labels = self.marks(key, regions, n_classes)
+        probed = [inputs[i] for i in index]
+        regions = self.regions(key, probed)
+        answers = [self.answers.get(canonical(item)) for item in probed]
+        marked, labels = self.marks(key, regions, n_classes, answers)
+        unit_of = units(regions, answers)
+        hits = np.flatnonzero(marked).tolist()
         sums: dict[bytes, NDArray[np.float64]] = {}
         keyed: dict[bytes, int] = {}
-        for j in np.flatnonzero(marked).tolist():
-            region = regions[j]
-            sums[region] = sums.get(region, 0.0) + rows[j]
-            keyed[region] = int(labels[j])
-        # Each region's score of each class: its answers' votes, or the rank of the class by
-        # the region's mean probability. Any table works: the null draws the keyed class.
+        for j in hits:
+            unit = unit_of[j]
+            sums[unit] = sums.get(unit, 0.0) + rows[j]
+            keyed[unit] = int(labels[j])
+        # Each unit's score of each class: its answers' votes, or the rank of the class by
+        # the unit's mean probability. Any table works: the null draws the keyed class.
         tables = [
             (_ranks(total) if kind == "probabilities" else np.rint(total)).astype(np.int64)
             for total in sums.values()
@@ -194,11 +226,21 @@ class DAWN(Watermark):
             keyed_choice_sf(statistic, [table.tolist() for table in tables]),
             int(marked.sum()),
             alpha,
-            regions=len(sums),
-            regions_agreeing=agreeing,
+            regions=len({regions[j] for j in hits}),
+            units=len(sums),
+            answers_known=sum(answers[j] is not None for j in hits),
+            units_agreeing=agreeing,
             score="rank of the keyed class" if kind == "probabilities" else "agreeing answers",
             classes=n_classes,
         )
+
+
+def units(regions: Sequence[bytes], answers: Sequence[int | None] | None) -> list[bytes]:
+    """The unit of each query's keyed label: its region and the marked model's answer
+    there, or the region alone when the answer is unknown."""
+    if answers is None:
+        return list(regions)
+    return [r if a is None else r + b"/%d" % a for r, a in zip(regions, answers, strict=True)]
 
 
 def _answer_rows(

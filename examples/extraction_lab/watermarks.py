@@ -65,7 +65,7 @@ class WatermarkConfig:
     budgets: tuple[int, ...] = (1_000, 2_000, 5_000, 20_000)
     watermark: str = "drw:k=4,dawn:rate=0.02"
     independent: int = 20
-    drw_probes: int = 2_000
+    drw_probes: int = 8_000
     drw_nulls: int = 200
     seed: int = 20261129
     batch: int = 250
@@ -227,8 +227,9 @@ def run(
         detail = ""
         if verdict.scheme == "dawn":
             detail = (
-                f"keyed label on top in {verdict.details.get('regions_agreeing', 0)}"
-                f"/{verdict.details.get('regions', 0)} regions"
+                f"keyed label on top in {verdict.details.get('units_agreeing', 0)}"
+                f"/{verdict.details.get('units', 0)} units of "
+                f"{verdict.details.get('regions', 0)} regions"
             )
         result.rows.append(
             Row(suspect, budget, verdict.scheme, verdict.p_value, verdict.probes, detail)
