@@ -64,18 +64,18 @@ def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_verify_a_jsonl_file(
     env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = answers_file(tmp_path / "suspect.jsonl", "drw:nulls=50")
-    assert main(["verify", "--scheme", "drw:nulls=50", "--suspect", str(path), "--json"]) == 0
+    path = answers_file(tmp_path / "suspect.jsonl", "drw:k=16:nulls=50")
+    assert main(["verify", "--scheme", "drw:k=16:nulls=50", "--suspect", str(path), "--json"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out)
     assert result["scheme"] == "drw" and result["verdict"] is True
     assert result["p_value"] < 1e-6 and result["probes"] == 400
     assert SECRET not in out
-    assert main(["verify", "--scheme", "drw:nulls=50", "--suspect", str(path)]) == 0
+    assert main(["verify", "--scheme", "drw:k=16:nulls=50", "--suspect", str(path)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("drw: WATERMARK DETECTED") and "p-value" in text
     # Another key: the same answers carry no mark of it; still exit 0 (a verdict is data).
-    args = ["verify", "--scheme", "drw:nulls=50", "--suspect", str(path), "--json"]
+    args = ["verify", "--scheme", "drw:k=16:nulls=50", "--suspect", str(path), "--json"]
     assert main([*args, "--key", "another-secret-key-of-16+"]) == 0
     assert json.loads(capsys.readouterr().out)["verdict"] is False
 
@@ -150,7 +150,7 @@ def test_verify_the_example_server_over_http(
     records = tmp_path / "marked.jsonl"
     server_env = {
         "EXTRACTION_SHIELD_SECRET_KEY": SECRET,
-        "EXTRACTION_SHIELD_WATERMARK": "drw:nulls=50,dawn:rate=0.2",
+        "EXTRACTION_SHIELD_WATERMARK": "drw:k=16:nulls=50,dawn:rate=0.2",
         "EXTRACTION_SHIELD_WATERMARK_RECORDS_PATH": str(records),
         "EXTRACTION_SHIELD_RATE_LIMIT": "100000/minute",
         "EXTRACTION_SHIELD_MONITOR__ENABLED": "false",
@@ -166,7 +166,7 @@ def test_verify_the_example_server_over_http(
             assert reply.status_code == 200
         assert records.exists()
         results: dict[str, Any] = {}
-        for scheme, probe_file in (("dawn:rate=0.2", records), ("drw:nulls=50", probes)):
+        for scheme, probe_file in (("dawn:rate=0.2", records), ("drw:k=16:nulls=50", probes)):
             args = ["verify", "--scheme", scheme, "--suspect", url, "--records", str(probe_file)]
             assert main([*args, "--json", "--probes", "600"]) == 0
             results[scheme] = json.loads(capsys.readouterr().out)

@@ -150,12 +150,12 @@ def test_drw_formula_simplex_and_cost_bound() -> None:
 
 def test_drw_marks_rows_deterministically_and_per_key() -> None:
     x = blobs(64, 3)
-    drw = bound("drw")
+    drw = bound("drw:k=16")
     a = shielded(drw, x).probabilities
     assert a is not None
     np.testing.assert_array_equal(a, shielded(drw, x).probabilities)
     np.testing.assert_allclose(a.sum(axis=1), 1.0, atol=1e-12)
-    other = shielded(bound("drw", secret=SECRET + "2"), x).probabilities
+    other = shielded(bound("drw:k=16", secret=SECRET + "2"), x).probabilities
     assert not np.allclose(a, other)
     # Each row depends on its own input only (batch composition does not matter).
     np.testing.assert_allclose(shielded(drw, x[:5]).probabilities, a[:5])
@@ -172,8 +172,8 @@ def test_drw_phase_ignores_brightness_and_contrast() -> None:
     assert t.min() > 0 and t.max() < 1
 
 
-def test_drw_detects_a_copy_and_not_with_a_wrong_key() -> None:
-    drw = bound("drw:nulls=100")
+def test_drw_periodogram_detects_a_copy_and_not_with_a_wrong_key() -> None:
+    drw = bound("drw:k=16:nulls=100")
     x = blobs(600, 5)
     copied = shielded(drw, x).probabilities
     assert copied is not None
@@ -184,10 +184,10 @@ def test_drw_detects_a_copy_and_not_with_a_wrong_key() -> None:
     assert not wrong.verdict
 
 
-def test_drw_p_values_are_uniform_for_independent_models() -> None:
+def test_drw_periodogram_p_values_are_uniform_for_independent_models() -> None:
     x = blobs(200, 6)
     answers = one_by_one(model(x))
-    drw = DRW(nulls=50)
+    drw = DRW(k=16.0, nulls=50)
     p_values = [
         drw.test(watermark_key(f"{SECRET}-{i}", "drw"), x.tolist(), answers, 1e-3).p_value
         for i in range(40)
@@ -201,7 +201,8 @@ def test_drw_linear_test_is_exactly_normal_for_independent_models() -> None:
     never saw the key, whatever the inputs' structure (here blobs near 5 centres)."""
     x = blobs(400, 23)
     answers = one_by_one(model(x))
-    drw = DRW(k=4.0)
+    drw = DRW()  # the default k = 4: the exact test
+    assert drw.k < 2 * np.pi
     results = [
         drw.test(watermark_key(f"{SECRET}-{i}", "drw"), x.tolist(), answers, 1e-3)
         for i in range(300)
@@ -453,7 +454,7 @@ async def test_shielded_api_is_marked_and_verifiable(tmp_path: Path) -> None:
     app = ExtractionShield(
         digits_app(),
         secret_key=SECRET,
-        watermark="drw:nulls=200,dawn:rate=0.2",
+        watermark="drw:k=16:nulls=200,dawn:rate=0.2",
         watermark_records_path=str(records),
         rate_limit="100000/minute",
         monitor={"enabled": False},
@@ -476,10 +477,11 @@ async def test_shielded_api_is_marked_and_verifiable(tmp_path: Path) -> None:
         index = {tuple(v): i for i, v in enumerate(x.tolist())}
         return [answers[index[tuple(item)]] for item in inputs]
 
-    # 400 probes: DRW's tail, extrapolated from the top of 200 random keys, stays above
-    # 1e-6 on so few (the lab's probes reach further); DAWN's tail is exact.
+    # 400 probes of a few clusters: a fast mark (k = 16) and its periodogram test, whose
+    # tail, extrapolated from the top of 200 random keys, stays above 1e-6 on so few (the
+    # lab's probes reach further); DAWN's tail is exact.
     for scheme, extra, level in (
-        ("drw:nulls=200", {"records": [{"input": v} for v in x.tolist()]}, 1e-5),
+        ("drw:k=16:nulls=200", {"records": [{"input": v} for v in x.tolist()]}, 1e-5),
         ("dawn:rate=0.2", {"records": records}, 1e-6),
     ):
         result = verify(scheme, api, key=SECRET, **extra)  # type: ignore[arg-type]
