@@ -32,13 +32,9 @@ from asgi_extraction_shield.watermark import build_watermarks, parse_watermarks,
 from asgi_extraction_shield.watermark.dawn import DAWN
 from asgi_extraction_shield.watermark.drw import DRW, signal
 from asgi_extraction_shield.watermark.projection import cells, directions, phase
+from asgi_extraction_shield.watermark.pvalues import binomial_sf, keyed_choice_sf
 from asgi_extraction_shield.watermark.records import RecordStore
-from asgi_extraction_shield.watermark.stats import (
-    binomial_sf,
-    calibrated_tail,
-    keyed_choice_sf,
-    lomb_scargle,
-)
+from asgi_extraction_shield.watermark.stats import calibrated_tail, lomb_scargle
 
 from .conftest import SECRET
 

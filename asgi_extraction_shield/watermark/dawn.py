@@ -54,8 +54,8 @@ from ..postprocess.chain import Context
 from ..postprocess.keyed import row_seeds
 from .base import VerifyResult, Watermark
 from .projection import answered, cells, directions
+from .pvalues import keyed_choice_sf
 from .records import RecordStore
-from .stats import keyed_choice_sf
 
 if TYPE_CHECKING:
     from ..settings import ShieldSettings

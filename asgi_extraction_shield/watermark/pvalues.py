@@ -163,3 +163,43 @@ def bonferroni(p_values: Sequence[float]) -> float:
     if not p_values:
         return 1.0
     return min(1.0, len(p_values) * min(p_values))
+
+
+def binomial_sf(k: int, n: int, p: float) -> float:
+    """``P(X >= k)`` for ``X ~ Binomial(n, p)``, summed in log space (exact for the sizes
+    verification uses, no underflow to 0 before 1e-300)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * lp + (n - j) * lq
+        for j in range(k, n + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def keyed_choice_sf(observed: int, counts: list[list[int]]) -> float:
+    """``P(T >= observed)`` for ``T = Σ_j counts[j][c_j]`` with each ``c_j`` uniform over
+    the ``K`` entries of ``counts[j]``, independently: the exact conditional null of a
+    count of answers agreeing with keyed uniform labels, given the answers. Computed by
+    convolution over the integer totals (exact, no sampling)."""
+    total = sum(max(row) for row in counts)
+    if observed <= 0:
+        return 1.0
+    if observed > total:
+        return 0.0
+    dist = np.zeros(total + 1)
+    dist[0] = 1.0
+    reach = 0
+    for row in counts:
+        step = np.zeros(total + 1)
+        for value in row:
+            step[value : reach + value + 1] += dist[: reach + 1]
+        dist = step / len(row)
+        reach += max(row)
+    return float(min(1.0, dist[observed:].sum()))
