@@ -93,17 +93,42 @@ class OccasionalErrorLog:
             )
 
 
-class EventEmitter:
-    """Logs events and forwards them to ``on_event``; a failing hook never fails a request."""
+REPEATED_KINDS = frozenset({"rate_limited", "storage_error", "internal_error"})
+"""Kinds a client (or an outage) can cause on every request: their log lines are sampled."""
 
-    def __init__(self, on_event: OnEvent | None = None) -> None:
+
+class EventEmitter:
+    """Logs events and forwards them to ``on_event``; a failing hook never fails a request.
+
+    ``on_event`` gets every event. The log gets every event too, but for the kinds that can
+    come once a request (:data:`REPEATED_KINDS`): at most one line per ``log_interval``
+    seconds for one kind and identity, the next one saying in ``suppressed`` how many it
+    stands for, so a client hammering the API (or a Redis outage) does not flood the log.
+    ``log_interval=0`` logs every event. At most ``max_tracked`` (kind, identity) pairs are
+    remembered; a pair forgotten is logged again at its next event.
+    """
+
+    def __init__(
+        self,
+        on_event: OnEvent | None = None,
+        *,
+        log_interval: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_tracked: int = 10_000,
+    ) -> None:
         self.on_event = on_event
         self.hook_errors = 0
+        self.log_interval = log_interval
+        self.clock = clock
+        self.max_tracked = max_tracked
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
 
     async def emit(self, event: ShieldEvent) -> None:
         level = _LEVELS.get(event.kind, logging.INFO)
         if logger.isEnabledFor(level):
-            logger.log(level, event.to_json())
+            line = self._log_line(event)
+            if line is not None:
+                logger.log(level, line)
         if self.on_event is None:
             return
         try:
@@ -113,6 +138,25 @@ class EventEmitter:
         except Exception:
             self.hook_errors += 1
             logger.exception("on_event hook failed for a %s event", event.kind)
+
+    def _log_line(self, event: ShieldEvent) -> str | None:
+        """The event's JSON line, or ``None`` while its (kind, identity) is sampled out."""
+        if self.log_interval <= 0 or event.kind not in REPEATED_KINDS:
+            return event.to_json()
+        key = (event.kind, event.identity)
+        now = self.clock()
+        last = self._last.pop(key, None)
+        if last is not None and now - last[0] < self.log_interval:
+            self._last[key] = (last[0], last[1] + 1)  # re-inserted last: recently seen
+            return None
+        if len(self._last) >= self.max_tracked:
+            del self._last[next(iter(self._last))]
+        self._last[key] = (now, 0)
+        if not last or not last[1]:
+            return event.to_json()
+        data = event.to_dict()
+        data["signals"] = {**data["signals"], "suppressed": last[1]}
+        return json.dumps(data, separators=(",", ":"), default=str)
 
 
 class AssessedSampler:

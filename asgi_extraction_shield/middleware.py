@@ -175,7 +175,7 @@ class ExtractionShield:
             if self._graded and isinstance(policy, RedisPolicy) and policy.storage is self.storage
             else None
         )
-        self.events = EventEmitter(on_event)
+        self.events = EventEmitter(on_event, log_interval=settings.event_log_interval, clock=clock)
         self.internal_errors = 0
         self.metrics: ShieldMetrics | None = None
         if settings.metrics or metrics_registry is not None:

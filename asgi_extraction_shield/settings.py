@@ -436,6 +436,14 @@ class ShieldSettings(BaseSettings):
         "/_shield",
         description="Prefix of the admin route (identity state as JSON, lifting penalties).",
     )
+    event_log_interval: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds between two log lines of an event that can come once a request "
+        "(rate_limited, storage_error, internal_error) for one identity; the next line "
+        "counts the events not logged in 'suppressed'. on_event gets every event. "
+        "0: log every event.",
+    )
     assessed_interval: float = Field(
         0.0,
         ge=0,
@@ -599,6 +607,7 @@ class ShieldOverrides(TypedDict, total=False):
     metrics_path: str
     admin_token: SecretStr | str | None
     admin_path: str
+    event_log_interval: float
     assessed_interval: float
     openai: OpenAISettings | dict[str, Any]
     generic: GenericSettings | dict[str, Any]
