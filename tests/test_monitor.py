@@ -231,8 +231,14 @@ def test_pools_ignore_what_they_cover() -> None:
 
 
 def test_pool_risk_is_attributed_by_share() -> None:
+    clock = FakeClock()
     monitor = ExtractionMonitor(
-        KEY, {"prada_w": SignalRule(0.94, 0.85)}, dim=32, min_queries=50, pools=("net",)
+        KEY,
+        {"prada_w": SignalRule(0.94, 0.85)},
+        dim=32,
+        min_queries=50,
+        pools=("net",),
+        clock=clock,
     )
     rng = np.random.default_rng(9)
     heavy, light = identity("heavy", "203.0.113.5"), identity("light", "203.0.113.6")
@@ -246,6 +252,17 @@ def test_pool_risk_is_attributed_by_share() -> None:
     assert assessment.risk == pytest.approx(pool_risk * (1 / 201) * 2)
     heavy_again = monitor.observe(heavy, ParsedRequest(parsed=True, features=probing_rows(1, rng)))
     assert heavy_again.risk >= pool_risk * 0.99
+    # Lifted by an operator ("forget"): for a grace period the pool is not held against it
+    # (its own queries still are); the other members are unaffected.
+    assert monitor.forget(heavy.key)
+    fresh = monitor.observe(heavy, ParsedRequest(parsed=True, features=benign_rows(1, rng)))
+    assert fresh.risk == 0.0 and "pool_risk" not in fresh.signals
+    again = monitor.observe(light, ParsedRequest(parsed=True, features=benign_rows(1, rng)))
+    assert again.risk > 0.0 and "pool_risk" in again.signals
+    clock.advance(monitor.lift_grace)  # the grace is over: the pool counts again
+    for _ in range(monitor.assess_every):
+        later = monitor.observe(heavy, ParsedRequest(parsed=True, features=benign_rows(1, rng)))
+    assert "pool_risk" in later.signals
 
 
 def test_all_traffic_pool_is_not_attributed() -> None:

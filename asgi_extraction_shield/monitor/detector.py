@@ -69,6 +69,7 @@ class ExtractionMonitor:
         cohort_seconds: float = 600.0,
         max_members: int = 1_000,
         assess_every: int = 8,
+        lift_grace: float = 3_600.0,
         clock: Clock = time.monotonic,
     ) -> None:
         self.featurizer = Featurizer(key, dim)
@@ -97,6 +98,9 @@ class ExtractionMonitor:
         self.max_members = max_members
         self.clock = clock
         self._first_seen: LRUCache[str, float] = LRUCache(max_identities * 4)
+        self.lift_grace = lift_grace
+        self._lifted: LRUCache[str, float] = LRUCache(max_identities)
+        """Identities an operator lifted, and until when pools are not held against them."""
         self.shared: SharedObservations | None = None
         """Where observations are shared with other processes (Redis), if anywhere."""
 
@@ -146,6 +150,9 @@ class ExtractionMonitor:
     def _assessment(self, key: str, pools: list[str]) -> Assessment:
         """The identity's risk: its own, or its pools' attributed to it when larger."""
         risk, signals, scores = self._assess(self.identities[key])
+        lifted = self._lifted.get(key)
+        if lifted is not None and self.clock() < lifted:
+            pools = []  # an operator judged it: only its own queries count, for a while
         for pool in pools:
             if pool == ALL:
                 continue  # a baseline for operators: mostly benign, never attributed
@@ -319,7 +326,11 @@ class ExtractionMonitor:
         return Assessment(risk, {**signals, **{f"score.{k}": v for k, v in scores.items()}})
 
     def forget(self, key: str) -> bool:
-        """Drop the identity's tracker (when a block is lifted: it starts afresh)."""
+        """Drop the identity's tracker (when a block is lifted: it starts afresh). For
+        ``lift_grace`` seconds its pools' risk is not attributed to it either: otherwise the
+        pool it shares (a NAT, a cohort) would flag it again at its next request, for
+        queries the operator has just judged. Its own queries still count in full."""
+        self._lifted[key] = self.clock() + self.lift_grace
         return self.identities.pop(key, None) is not None
 
 
