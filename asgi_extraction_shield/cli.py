@@ -46,7 +46,7 @@ def _records(args: argparse.Namespace) -> int:
     """Export the watermark records kept on Redis as JSONL."""
     import asyncio
 
-    from .storage.redis import RedisStorage
+    from .storage.redis import RedisStorage, redact
     from .storage.redis_records import export_records
 
     async def export(out: IO[bytes]) -> int:
@@ -54,7 +54,7 @@ def _records(args: argparse.Namespace) -> int:
         url = args.storage_url or settings.storage_url
         if not url.startswith(RedisStorage.schemes):
             raise ConfigurationError(
-                f"EXTRACTION_SHIELD_STORAGE_URL={url.split('@')[-1]!r}: records are kept on "
+                f"EXTRACTION_SHIELD_STORAGE_URL={redact(url)!r}: records are kept on "
                 "Redis only (redis:// or rediss://); without Redis they are in the file of "
                 "EXTRACTION_SHIELD_WATERMARK_RECORDS_PATH"
             )

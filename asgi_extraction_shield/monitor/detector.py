@@ -116,7 +116,7 @@ class ExtractionMonitor:
         own = self.identities.get(identity.key)
         if own is None or not shared.due(identity.key, own):
             return assessment
-        pools = [p for p in self.pool_keys(identity, self.clock()) if p != ALL]
+        pools = [p for p in own.pools if p != ALL]  # those observe() just fed
         trackers = {identity.key: own}
         for pool in pools:
             entry = self.pools.get(pool)

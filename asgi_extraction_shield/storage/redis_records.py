@@ -42,6 +42,11 @@ return redis.call('LLEN', KEYS[1])
 )
 
 
+def records_key(prefix: str, identity: str) -> str:
+    """The list of ``identity``'s records (hash-tagged like the identity's other keys)."""
+    return f"{{{prefix}:{identity}}}{SUFFIX}"
+
+
 class RedisRecordSink:
     """Appends watermark records to Redis in the background (see the module docstring)."""
 
@@ -66,7 +71,7 @@ class RedisRecordSink:
         self._errors = OccasionalErrorLog("watermark records on Redis", clock=clock)
 
     def key(self, identity: str) -> str:
-        return f"{{{self.storage.prefix}:{identity}}}{SUFFIX}"
+        return records_key(self.storage.prefix, identity)
 
     def add(self, identity: str, records: list[dict[str, Any]]) -> None:
         """Queue ``records`` of ``identity`` for Redis; returns at once."""
@@ -125,11 +130,11 @@ async def read_records(
     """``(identity, record)`` for the records on Redis, of one identity or of all."""
     client = storage.client
     if identity is not None:
-        keys = [f"{{{storage.prefix}:{identity}}}{SUFFIX}"]
+        keys = [records_key(storage.prefix, identity)]
     else:
         keys = [
             key.decode() if isinstance(key, bytes) else key
-            async for key in client.scan_iter(match=f"{{{storage.prefix}:*}}{SUFFIX}", count=500)
+            async for key in client.scan_iter(match=records_key(storage.prefix, "*"), count=500)
         ]
     start = len(storage.prefix) + 2
     for key in sorted(keys):
