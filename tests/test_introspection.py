@@ -9,9 +9,11 @@ import pytest
 from fastapi import FastAPI
 
 from asgi_extraction_shield import ConfigurationError, ExtractionShield, ShieldEvent, ShieldHandle
-from asgi_extraction_shield.policy import GradedPolicy
+from asgi_extraction_shield.introspection import IdentityState, Inspector
+from asgi_extraction_shield.monitor import NullMonitor
+from asgi_extraction_shield.policy import GradedPolicy, StaticPolicy
 
-from .conftest import SECRET, FakeClock, client, fastapi_app, scripted_shield, starlette_app
+from .conftest import SECRET, FakeClock, client, fastapi_app, scripted_shield, shield, starlette_app
 
 pytestmark = pytest.mark.anyio
 TOKEN = "admin-token-0123456789abcdef"
@@ -159,3 +161,36 @@ async def test_ip_identities_are_found_by_address(clock: FakeClock) -> None:
     assert state.known and state.identity.startswith("ip:")
     with pytest.raises(ValueError, match="identifies nobody"):
         await app.inspect("not-an-address")
+
+
+# -- the Inspector on its own: components without the optional capabilities ---------------
+
+
+async def test_inspector_reads_through_minimal_components(clock: FakeClock) -> None:
+    app = shield(starlette_app(), clock, rate_limit="10/minute", monitor={"enabled": False})
+    lifted: list[str] = []
+
+    async def on_lift(key: str) -> None:
+        lifted.append(key)
+
+    # A monitor without assessment_of/forget and a policy that holds nothing.
+    inspector = Inspector(app.identities, StaticPolicy(), NullMonitor(), app.limiter, on_lift)
+    # A raw value is hashed under every configured source; a hash is itself.
+    keys = inspector.keys("203.0.113.7")
+    (key,) = [k for k in keys if k.startswith("ip:")]
+    assert len(keys) > 1 and inspector.keys(key) == [key]
+    fresh = await inspector.inspect(key)
+    assert isinstance(fresh, IdentityState) and not fresh.known
+    assert (fresh.level, fresh.risk, fresh.block_seconds, fresh.signals) == ("normal", 0, 0, {})
+    assert fresh.bucket.remaining == fresh.bucket.limit == 10
+    async with client(app) as c:
+        await c.get("/predict")
+    spent = await inspector.inspect("203.0.113.7")
+    assert spent.known and spent.bucket.remaining == 9  # known by its bucket alone
+    assert "203.0.113.7" not in json.dumps(spent.to_dict())  # the raw address is not kept
+    assert await inspector.lift(key) == [] and lifted == []  # nothing to lift: no event
+
+
+async def test_an_unbound_handle_says_so() -> None:
+    with pytest.raises(RuntimeError, match="not built yet"):
+        await ShieldHandle().inspect("header:0123456789abcdef01234567")
