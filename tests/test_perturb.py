@@ -6,6 +6,7 @@ copied from the implementation, so that a change to either side shows up.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -682,6 +683,40 @@ def test_round_simplex_property(p: np.ndarray, decimals: int) -> None:
     np.testing.assert_allclose(scaled, np.rint(scaled), rtol=0, atol=1e-6)
     assert (np.abs(q - p) <= unit * (1 + 1e-9)).all()
     assert (q >= 0).all()
+
+
+def largest_remainders(row: list[float], decimals: int) -> list[float]:
+    """Hamilton's method from its definition: floor every share to a unit, then hand the
+    units the row's rounded total still lacks to the largest remainders (ties: the lowest
+    index first)."""
+    scale = 10.0**decimals
+    scaled = [v * scale for v in row]
+    floors = [math.floor(v + 1e-9) for v in scaled]
+    missing = round(sum(scaled)) - sum(floors)
+    ranked = sorted(range(len(row)), key=lambda i: -(scaled[i] - floors[i]))
+    for i in ranked[:missing]:
+        floors[i] += 1
+    return [f / scale for f in floors]
+
+
+@FAST
+@given(p=probability_matrices(), decimals=st.integers(0, 6))
+def test_round_simplex_is_the_largest_remainder_method(p: np.ndarray, decimals: int) -> None:
+    q = perturb.round_simplex(p, decimals)
+    for row, rounded in zip(p.tolist(), q, strict=True):
+        np.testing.assert_allclose(rounded, largest_remainders(row, decimals), rtol=0, atol=1e-12)
+
+
+def test_round_simplex_ties_and_both_directions() -> None:
+    # Plain rounding short of a unit (2.5, 2.5, 5 tenths → 2, 2, 5) and two units over
+    # (four 1.6 and a 3.6 → 2, 2, 2, 2, 4), every remainder tied.
+    for row, expected in (
+        ([0.25, 0.25, 0.5], [0.3, 0.2, 0.5]),
+        ([0.16, 0.16, 0.16, 0.16, 0.36], [0.2, 0.2, 0.2, 0.1, 0.3]),
+    ):
+        assert largest_remainders(row, 1) == pytest.approx(expected, abs=1e-12)
+        q = perturb.round_simplex(np.array([row]), 1)
+        np.testing.assert_allclose(q[0], expected, rtol=0, atol=1e-12)
 
 
 @st.composite

@@ -34,20 +34,25 @@ def round_simplex(p: Rows, decimals: int) -> Rows:
     remainders, so rows still sum to their original (rounded) total.
     """
     scale = 10.0**decimals
-    target = np.rint(p.sum(axis=1) * scale)
-    plain = np.rint(p * scale)
-    bad = plain.sum(axis=1) != target
-    if not bad.any():  # the common case: plain rounding already keeps every sum
+    scaled = p * scale
+    target = np.rint(scaled.sum(axis=1))
+    plain = np.rint(scaled)
+    missing = target - plain.sum(axis=1)
+    if not missing.any():  # the common case: plain rounding already keeps every sum
         rounded: Rows = plain / scale
         return rounded
-    # Largest remainders give the same result as plain rounding on the rows above.
-    scaled = p[bad] * scale
-    floor = np.floor(scaled + 1e-9)
-    missing = (target[bad] - floor.sum(axis=1)).astype(np.int64)
-    order = np.argsort(-(scaled - floor), axis=1, kind="stable")
-    ranks = np.argsort(order, axis=1, kind="stable")  # rank of each entry by remainder
-    floor += ranks < missing[:, None]
-    plain[bad] = floor
+    bad = np.flatnonzero(missing)
+    # Largest remainders, as corrections of plain rounding: a row short of units gives one
+    # more to the entries rounded down the most (the largest remainders not rounded up), a
+    # row over gives one back from those rounded up the most (the smallest remainders
+    # among those rounded up); ties as a stable sort of the remainders would break them.
+    for i, units in zip(bad.tolist(), missing[bad].astype(np.int64).tolist(), strict=True):
+        residue = scaled[i] - plain[i]
+        if units > 0:
+            plain[i, np.argsort(-residue, kind="stable")[:units]] += 1.0
+        else:
+            last = len(residue) - 1
+            plain[i, last - np.argsort(residue[::-1], kind="stable")[:-units]] -= 1.0
     out: Rows = plain / scale
     return out
 
