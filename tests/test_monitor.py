@@ -18,7 +18,7 @@ from asgi_extraction_shield.identity import Identity
 from asgi_extraction_shield.monitor import ExtractionMonitor, NullMonitor, SignalRule, risk_of
 from asgi_extraction_shield.monitor.detector import Members
 from asgi_extraction_shield.monitor.features import Featurizer
-from asgi_extraction_shield.monitor.tracker import Tracker, TrackerConfig
+from asgi_extraction_shield.monitor.tracker import Tracker, TrackerConfig, answer_summary
 from asgi_extraction_shield.settings import ShieldSettings
 
 from .conftest import FakeClock, client, shield
@@ -160,6 +160,45 @@ def test_batched_observation_matches_one_query_at_a_time(
             assert batched[name] == pytest.approx(one[name], abs=1e-6), name
         # PRADA's test runs at the end of a batch rather than exactly every 10 queries.
         assert batched["prada_w"] == pytest.approx(one["prada_w"], abs=0.005)
+
+
+def test_queued_answers_are_summarised_as_observed_one_by_one() -> None:
+    """Answers are queued as rows (or as another process's summaries) and summarised when
+    folded in: widths may differ from one response to the next."""
+    rng = np.random.default_rng(22)
+    responses = [rng.dirichlet(np.ones(3 + i % 2), size=1 + i % 3) for i in range(40)]
+    queued, direct = Tracker(TrackerConfig(), 32, 0.0), Tracker(TrackerConfig(), 32, 0.0)
+    for i, p in enumerate(responses):
+        if i % 5 == 0:  # what another process shares
+            queued.observe_answer_summary(*answer_summary(p))
+        else:
+            queued.observe_answers(p)
+        direct.observe_answer_summary(*answer_summary(p))
+        direct.flush()
+    for name in ("low_margin", "class_entropy"):
+        assert queued.signals()[name] == pytest.approx(direct.signals()[name], abs=1e-12)
+    assert queued._classes_seen == direct._classes_seen == 4
+
+
+def test_assessment_cadence() -> None:
+    """An identity is re-assessed every ``assess_every`` requests, 4 × less often once it
+    has made 256; a pool every ``pool_assess_every``."""
+    monitor = ExtractionMonitor(KEY, {}, dim=16, pools=("net",))
+    who = identity("cadence", "198.51.100.9")
+    rng = np.random.default_rng(23)
+    own_at, pool_at = set(), set()
+    for _ in range(400):
+        monitor.observe(who, ParsedRequest(parsed=True, features=rng.normal(size=(1, 8))))
+        tracker = monitor.identities[who.key]
+        pool = monitor.pools[tracker.pools[0]][0]
+        assert tracker.assessment is not None and pool.assessment is not None
+        own_at.add(tracker.assessment[0])
+        pool_at.add(pool.assessment[0])
+    young = [r for r in sorted(own_at) if r <= 256]
+    assert young == list(range(1, 257, monitor.assess_every))
+    settled = [r for r in sorted(own_at) if r > 256]
+    assert np.diff([young[-1], *settled]).tolist() == [4 * monitor.assess_every] * len(settled)
+    assert sorted(pool_at) == list(range(1, 401, monitor.pool_assess_every))
 
 
 def test_tracker_state_is_bounded() -> None:

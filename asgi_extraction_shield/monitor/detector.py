@@ -16,8 +16,11 @@ penalty (levels and blocks live in the policy's own protected table).
 
 Cost: a pool's tracker keeps no history of recent queries (novelty and near-duplicates are
 per identity; coverage, entropy, PRADA and request shares are pooled), and each tracker's
-risk is re-assessed every ``assess_every`` requests rather than at each one: a level can
-rise up to that many requests late, and the work per query stays a few array operations.
+risk is re-assessed every ``assess_every`` requests (8) rather than at each one (every 4 ×
+that after an identity's first 256 requests, when its windowed signals move slowly), a
+pool's every ``pool_assess_every`` (64: a pool's risk moves slowly, and its queued queries
+are folded in whole batches): a level can rise up to that many requests late, and the work
+per query stays a few array operations.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ POOL_KINDS = ("net:", "cohort:", ALL)
 """How pool keys begin (identity keys never do: they begin with their source)."""
 POOL_SIGNALS = frozenset({"prada_w", "low_margin", "distribution_requests", "logit_bias_tokens"})
 """Signals that count for pools (see ``pool_rules``)."""
+SETTLED = 256
+"""Requests after which an identity is re-assessed ``SETTLED_SLOWER`` times less often:
+its signals are measured over windows of a few hundred queries and move slowly by then."""
+SETTLED_SLOWER = 4
 
 
 class ExtractionMonitor:
@@ -69,6 +76,7 @@ class ExtractionMonitor:
         cohort_seconds: float = 600.0,
         max_members: int = 1_000,
         assess_every: int = 8,
+        pool_assess_every: int = 64,
         lift_grace: float = 3_600.0,
         clock: Clock = time.monotonic,
     ) -> None:
@@ -77,6 +85,7 @@ class ExtractionMonitor:
         self.config = config or TrackerConfig()
         self.pool_config = replace(self.config, history=0)
         self.assess_every = assess_every
+        self.pool_assess_every = pool_assess_every
         self.dim = dim
         self.hyperplanes = rng.standard_normal((dim, self.config.simhash_bits))
         self._powers = 1 << np.arange(self.config.simhash_bits, dtype=np.int64)
@@ -136,12 +145,13 @@ class ExtractionMonitor:
         observation = self.observation(identity.key, request)
         rows = observation.rows
         features = None if rows is None else rows - self._centre(rows, not observation.text)
+        buckets = None if features is None else self.buckets(features)
         own = self._tracker(identity.key, now)
         pools = own.pools = self.pool_keys(identity, now)
-        self._feed(own, observation, features, now)
+        self._feed(own, observation, features, buckets, now)
         for pool in pools:
             tracker, members = self._pool(pool, now)
-            self._feed(tracker, observation, features, now)
+            self._feed(tracker, observation, features, buckets, now)
             members.count(identity.key, observation.queries)
         if self.shared is not None:
             self.shared.record([identity.key, *(p for p in pools if p != ALL)], observation)
@@ -149,15 +159,20 @@ class ExtractionMonitor:
 
     def _assessment(self, key: str, pools: list[str]) -> Assessment:
         """The identity's risk: its own, or its pools' attributed to it when larger."""
-        risk, signals, scores = self._assess(self.identities[key])
+        own = self.identities[key]
+        every = self.assess_every if own.requests < SETTLED else SETTLED_SLOWER * self.assess_every
+        risk, signals, scores = self._assess(own, every)
         lifted = self._lifted.get(key)
         if lifted is not None and self.clock() < lifted:
             pools = []  # an operator judged it: only its own queries count, for a while
+        attributed_from = None
         for pool in pools:
             if pool == ALL:
                 continue  # a baseline for operators: mostly benign, never attributed
             tracker, members = self.pools[pool]
-            pool_risk, pool_signals, pool_scores = self._assess(tracker, self.pool_rules)
+            pool_risk, pool_signals, pool_scores = self._assess(
+                tracker, self.pool_assess_every, self.pool_rules
+            )
             attributed = pool_risk * members.share_ratio(key)
             if attributed > risk:
                 risk = attributed
@@ -167,26 +182,38 @@ class ExtractionMonitor:
                 }
                 scores = {f"pool.{k}": v for k, v in pool_scores.items()}
                 signals["pool_risk"] = pool_risk
+                attributed_from = pool
+        if attributed_from is None:
+            return self._own_assessment(own)
         return Assessment(risk, {**signals, **{f"score.{k}": v for k, v in scores.items()}})
+
+    @staticmethod
+    def _own_assessment(tracker: Tracker) -> Assessment:
+        """The tracker's latest assessment (its risk, signals and scores), built once."""
+        assert tracker.assessment is not None
+        at, risk, signals, scores, built = tracker.assessment
+        if built is None:
+            built = Assessment(risk, {**signals, **{f"score.{k}": v for k, v in scores.items()}})
+            tracker.assessment = (at, risk, signals, scores, built)
+        return built
 
     def observe_outputs(self, identity: Identity, outputs: Outputs) -> None:
         """Answers (probability rows): margins and top-1 classes, for the identity and its pools."""
         probabilities = outputs.probabilities
         if probabilities is None or probabilities.shape[1] < 2:
             return
-        answers = Answers(identity.key, *answer_summary(probabilities))
         tracker = self.identities.get(identity.key)
         if tracker is None:
             return
         keys = [identity.key]
-        tracker.observe_answer_summary(answers.margins, answers.labels, answers.width)
+        tracker.observe_answers(probabilities)
         for pool in tracker.pools:  # those of the request that asked (or the latest one)
             entry = self.pools.get(pool)
             if entry is not None:
-                entry[0].observe_answer_summary(answers.margins, answers.labels, answers.width)
+                entry[0].observe_answers(probabilities)
                 keys.extend([pool] if pool != ALL else [])
-        if self.shared is not None and keys:
-            self.shared.record(keys, answers)
+        if self.shared is not None:
+            self.shared.record(keys, Answers(identity.key, *answer_summary(probabilities)))
 
     def replay(self, key: str, observation: Observation | Answers) -> None:
         """Observe what another process observed of tracker ``key`` (an identity or a pool)."""
@@ -204,16 +231,22 @@ class ExtractionMonitor:
         # Centred on this process's mean, without moving it: each process's mean follows
         # the traffic it serves, and replayed rows are counted by the process that served them.
         features = None if rows is None else rows - self._means[0 if not observation.text else 1]
-        self._feed(tracker, observation, features, now)
+        buckets = None if features is None else self.buckets(features)
+        self._feed(tracker, observation, features, buckets, now)
         if pool is not None:
             pool[1].count(observation.identity, observation.queries)
 
+    @staticmethod
     def _feed(
-        self, tracker: Tracker, observation: Observation, features: Matrix | None, now: float
+        tracker: Tracker,
+        observation: Observation,
+        features: Matrix | None,
+        buckets: list[int] | None,
+        now: float,
     ) -> None:
         tracker.observe_request(observation.distribution, observation.logit_bias, now)
-        if features is not None:
-            tracker.observe_queries(features, self.buckets(features), observation.digests, now)
+        if features is not None and buckets is not None:
+            tracker.observe_queries(features, buckets, observation.digests, now)
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -302,15 +335,15 @@ class ExtractionMonitor:
         return entry
 
     def _assess(
-        self, tracker: Tracker, rules: Mapping[str, SignalRule] | None = None
+        self, tracker: Tracker, every: int, rules: Mapping[str, SignalRule] | None = None
     ) -> tuple[float, dict[str, float], dict[str, float]]:
-        """The tracker's risk, re-computed every ``assess_every`` requests."""
+        """The tracker's risk, re-computed every ``every`` requests."""
         cached = tracker.assessment
-        if cached is not None and tracker.requests - cached[0] < self.assess_every:
+        if cached is not None and tracker.requests - cached[0] < every:
             return cached[1], cached[2], cached[3]
         signals = tracker.signals()
         risk, scores = risk_of(signals, self.rules if rules is None else rules, self.min_queries)
-        tracker.assessment = (tracker.requests, risk, signals, scores)
+        tracker.assessment = (tracker.requests, risk, signals, scores, None)
         return risk, signals, scores
 
     def signals_of(self, key: str) -> dict[str, float] | None:
@@ -322,8 +355,7 @@ class ExtractionMonitor:
         tracker = self.identities.get(key)
         if tracker is None or tracker.assessment is None:
             return None
-        _, risk, signals, scores = tracker.assessment
-        return Assessment(risk, {**signals, **{f"score.{k}": v for k, v in scores.items()}})
+        return self._own_assessment(tracker)
 
     def forget(self, key: str) -> bool:
         """Drop the identity's tracker (when a block is lifted: it starts afresh). For

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .base import Assessment
 from .shapiro import shapiro_wilk
 
 Matrix = NDArray[np.float64]
@@ -253,10 +254,13 @@ class Tracker:
         self._pending_flags: list[bool] = []
         self._pending_queries: list[tuple[Matrix, list[int], list[int]]] = []
         self._pending_rows = 0
-        self._pending_answers: list[tuple[NDArray[Any], NDArray[Any], int]] = []
+        self._pending_answers: list[_Answers] = []
         self._pending_answer_rows = 0
-        self.assessment: tuple[int, float, dict[str, float], dict[str, float]] | None = None
-        """``(requests, risk, signals, scores)`` when last assessed (kept by the monitor)."""
+        self.assessment: (
+            tuple[int, float, dict[str, float], dict[str, float], Assessment | None] | None
+        ) = None
+        """``(requests, risk, signals, scores, assessment)`` when last assessed (kept by the
+        monitor, which builds the :class:`~.base.Assessment` once, when first asked)."""
         self.pools: list[str] = []
         """The pools the identity's latest request fed (kept by the monitor)."""
         self.cursor: bytes | None = None
@@ -287,16 +291,20 @@ class Tracker:
             self._flush_queries()
 
     def observe_answers(self, probabilities: Matrix) -> None:
-        """Answers' probability rows: margins, and which class each answer's top-1 is."""
+        """Answers' probability rows: margins, and which class each answer's top-1 is
+        (summarised when the queue is folded in, a batch at a time)."""
         if probabilities.shape[1] >= 2:
-            self.observe_answer_summary(*answer_summary(probabilities))
+            self._queue_answers(probabilities, len(probabilities))
 
     def observe_answer_summary(
         self, margins: NDArray[Any], labels: NDArray[Any], width: int
     ) -> None:
         """Answers as :func:`answer_summary` gives them (what another process shares)."""
-        self._pending_answers.append((margins, labels, width))
-        self._pending_answer_rows += len(margins)
+        self._queue_answers((margins, labels, width), len(margins))
+
+    def _queue_answers(self, answers: _Answers, rows: int) -> None:
+        self._pending_answers.append(answers)
+        self._pending_answer_rows += rows
         if self._pending_answer_rows >= BATCH:
             self._flush_answers()
 
@@ -316,10 +324,15 @@ class Tracker:
     def _flush_answers(self) -> None:
         pending, self._pending_answers = self._pending_answers, []
         self._pending_answer_rows = 0
-        margins = np.concatenate([p[0] for p in pending]) if len(pending) > 1 else pending[0][0]
-        labels = np.concatenate([p[1] for p in pending]) if len(pending) > 1 else pending[0][1]
+        summaries = _summaries(pending)
+        margins = (
+            np.concatenate([s[0] for s in summaries]) if len(summaries) > 1 else summaries[0][0]
+        )
+        labels = (
+            np.concatenate([s[1] for s in summaries]) if len(summaries) > 1 else summaries[0][1]
+        )
         self._margins.extend(margins < self.config.low_margin)
-        self._classes_seen = max(self._classes_seen, *(p[2] for p in pending))
+        self._classes_seen = max(self._classes_seen, *(s[2] for s in summaries))
         self._classes.extend(labels)
         self._class_entropy = None
 
@@ -500,7 +513,30 @@ class Tracker:
         }
 
 
-def answer_summary(probabilities: Matrix) -> tuple[NDArray[Any], NDArray[Any], int]:
+Summary = tuple[NDArray[Any], NDArray[Any], int]
+"""Answers as ``(top-1 minus top-2 margins, top-1 classes, classes)``."""
+_Answers = Matrix | Summary
+"""Queued answers: probability rows (ours) or their summary (another process's)."""
+
+
+def _summaries(pending: list[_Answers]) -> list[Summary]:
+    """The queued answers summarised in order, consecutive rows of one width at once."""
+    out: list[Summary] = []
+    run: list[Matrix] = []
+    for answers in pending:
+        if run and (isinstance(answers, tuple) or run[0].shape[1] != answers.shape[1]):
+            out.append(answer_summary(np.concatenate(run) if len(run) > 1 else run[0]))
+            run = []
+        if isinstance(answers, tuple):
+            out.append(answers)
+        else:
+            run.append(answers)
+    if run:
+        out.append(answer_summary(np.concatenate(run) if len(run) > 1 else run[0]))
+    return out
+
+
+def answer_summary(probabilities: Matrix) -> Summary:
     """``(top-1 minus top-2 margins, top-1 classes, classes)`` of probability rows."""
     top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
     margins = np.abs(top2[:, 1] - top2[:, 0])
