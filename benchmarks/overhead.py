@@ -5,8 +5,9 @@ endpoint answering a KServe v1 request (64 features) with 10-class probabilities
 same app behind slowapi (its pure-ASGI middleware, with a limit high enough never to
 trigger), behind the shield with the limiter only (``FORMAT=none``), and behind the
 shield parsing the payload and rounding (``round:3``) or perturbing (``FULL_CHAIN``) the
-outputs, and on its full path with the query monitor on as well (the defaults), without and
-with Prometheus metrics (``METRICS=true``, a registry of its own). Requests cycle through
+outputs, and on its full path with the query monitor on as well (the defaults), with either
+chain, and with ``FULL_CHAIN`` and Prometheus metrics (``METRICS=true``, a registry of its
+own). Requests cycle through
 1,009 distinct queries from one client. Rounds are
 interleaved so that machine noise hits every variant alike; each figure is the
 median over rounds of the mean µs per request in that round. Overheads are
@@ -100,6 +101,11 @@ FULL = {"format": "auto", "perturbation": FULL_CHAIN, "monitor": {"enabled": Tru
 def shield_full_app() -> ASGIApp:
     """The full path: payload parsed, queries monitored and graded, outputs perturbed."""
     return shield_app(mode="shadow", **FULL)
+
+
+def shield_full_round_app() -> ASGIApp:
+    """The full path with the light chain (``round:3``) on every answer."""
+    return shield_app(mode="shadow", **{**FULL, "perturbation": LIGHT_CHAIN})
 
 
 def shield_metrics_app() -> ASGIApp:
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "shield (limiter only + metrics)": shield_metrics_app,
         "shield (parse + round:3)": shield_round_app,
         "shield (parse + perturb)": shield_perturb_app,
+        "shield (full path, round:3)": shield_full_round_app,
         "shield (full path)": shield_full_app,
         "shield (full path + metrics)": shield_full_metrics_app,
     }
@@ -223,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_parse_round_to_slowapi_overhead": (medians["shield (parse + round:3)"] - bare)
         / slow_overhead,
         "ratio_parse_perturb_to_slowapi_overhead": (medians["shield (parse + perturb)"] - bare)
+        / slow_overhead,
+        "ratio_full_path_round_to_slowapi_overhead": (medians["shield (full path, round:3)"] - bare)
         / slow_overhead,
         "ratio_full_path_to_slowapi_overhead": (medians["shield (full path)"] - bare)
         / slow_overhead,
@@ -248,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{result['ratio_parse_round_to_slowapi_overhead']:.3f}"
             f"\nshield (parse + perturb) overhead / slowapi overhead = "
             f"{result['ratio_parse_perturb_to_slowapi_overhead']:.3f}"
+            f"\nshield (full path, round:3) overhead / slowapi overhead = "
+            f"{result['ratio_full_path_round_to_slowapi_overhead']:.3f}"
             f"\nshield (full path) overhead / slowapi overhead = "
             f"{result['ratio_full_path_to_slowapi_overhead']:.3f}"
             f"\nshield (full path + metrics) overhead / full path overhead = "
