@@ -304,6 +304,20 @@ def test_pool_risk_is_attributed_by_share() -> None:
     assert "pool_risk" in later.signals
 
 
+def test_an_identity_that_moves_network_feeds_its_new_pool() -> None:
+    monitor = ExtractionMonitor(KEY, {}, dim=16, pools=("net", "cohort"))
+    rng = np.random.default_rng(24)
+    for ip in ("203.0.113.5", "203.0.113.6", "198.51.100.5"):
+        monitor.observe(
+            identity("mover", ip), ParsedRequest(parsed=True, features=rng.normal(size=(1, 8)))
+        )
+    pools = monitor.identities[identity("mover", "198.51.100.5").key].pools
+    assert "net:198.51.100.0/24" in pools and len(pools) == 2
+    assert monitor.pools["net:203.0.113.0/24"][0].requests == 2
+    assert monitor.pools["net:198.51.100.0/24"][0].requests == 1
+    assert sum(1 for p in monitor.pools if p.startswith("cohort:")) == 1
+
+
 def test_all_traffic_pool_is_not_attributed() -> None:
     monitor = ExtractionMonitor(
         KEY, {"coverage": SignalRule(0.2, 0.6)}, dim=32, min_queries=10, pools=("all",)

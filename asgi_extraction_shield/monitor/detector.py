@@ -147,7 +147,13 @@ class ExtractionMonitor:
         features = None if rows is None else rows - self._centre(rows, not observation.text)
         buckets = None if features is None else self.buckets(features)
         own = self._tracker(identity.key, now)
-        pools = own.pools = self.pool_keys(identity, now)
+        route = own.route
+        if route is not None and route[0] == identity.network:
+            pools = route[1]  # the same network as last time: the same pools
+        else:
+            pools = self.pool_keys(identity, now)
+            own.route = (identity.network, pools)
+        own.pools = pools
         self._feed(own, observation, features, buckets, now)
         for pool in pools:
             tracker, members = self._pool(pool, now)
@@ -162,7 +168,7 @@ class ExtractionMonitor:
         own = self.identities[key]
         every = self.assess_every if own.requests < SETTLED else SETTLED_SLOWER * self.assess_every
         risk, signals, scores = self._assess(own, every)
-        lifted = self._lifted.get(key)
+        lifted = self._lifted.get(key) if self._lifted else None
         if lifted is not None and self.clock() < lifted:
             pools = []  # an operator judged it: only its own queries count, for a while
         attributed_from = None

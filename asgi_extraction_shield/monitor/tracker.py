@@ -222,6 +222,7 @@ class Tracker:
         "prada_w",
         "queries",
         "requests",
+        "route",
         "scale",
     )
 
@@ -263,6 +264,9 @@ class Tracker:
         monitor, which builds the :class:`~.base.Assessment` once, when first asked)."""
         self.pools: list[str] = []
         """The pools the identity's latest request fed (kept by the monitor)."""
+        self.route: tuple[Any, list[str]] | None = None
+        """The network the identity's pools were worked out for, and those pools (kept by the
+        monitor: they change only with the network)."""
         self.cursor: bytes | None = None
         """How far this tracker has read the observations other processes shared (their
         log's last entry id read), ``None`` before the first read."""
