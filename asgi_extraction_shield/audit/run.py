@@ -552,6 +552,8 @@ class _Audit:
     def embedding_fidelity(
         self, run: AttackRun, x: Any, answers: list[Array | None], x_eval: Any, held: list[int]
     ) -> None:
+        if len(held) < 2:  # retrieving the only candidate is no agreement at all
+            return
         reference = np.stack([row for i in held if (row := self.reference[i].row) is not None])
         run.fidelity, run.mean_cosine = embedding_fidelity_curve(
             x, answers, self.budgets(), x_eval, reference
