@@ -257,7 +257,7 @@ def test_answers_are_read_with_the_adapters() -> None:
     answer = wire.answer(body, json.dumps({"predictions": [[0.2, 0.8]]}).encode())
     assert answer is not None and answer.kind == "probabilities" and answer.top1() == 1
     labels = wire.answer(body, b'{"predictions": [3]}')
-    assert labels is not None and labels.kind == "labels" and labels.top1() == 0
+    assert labels is not None and labels.kind == "labels" and labels.top1() == 3
     assert wire.answer(body, b"not json") is None
     chat = Wire("openai", "/v1/chat/completions")
     reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}
@@ -351,23 +351,88 @@ def test_audit_of_a_text_classifier(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (tmp_path / "report" / "AUDIT.md").exists()
 
 
-def test_audit_of_an_openai_chat_endpoint(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.fixture(scope="module")
+def openai_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("server") / "oai.log"
+    script = EXAMPLE.with_name("openai_compatible.py")
+    with running(script, log, {"EXTRACTION_SHIELD_SECRET_KEY": SECRET}) as base:
+        yield base
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "kind", "thief", "meaning"),
+    [
+        ("/v1/chat/completions", '{"model": "toy-bigram", "max_tokens": 4, "temperature": 0}',
+         "text", "text", "next-word agreement"),
+        ("/v1/completions", '{"model": "toy-bigram", "max_tokens": 4, "temperature": 0}',
+         "text", "text", "next-word agreement"),
+        ("/v1/embeddings", '{"model": "toy-embed"}', "embeddings", "embedding",
+         "retrieval agreement"),
+    ],
+)  # fmt: skip
+def test_audit_of_openai_text_and_embedding_endpoints(
+    openai_server: str,
+    path: str,
+    extra: str,
+    kind: str,
+    thief: str,
+    meaning: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     samples = _texts(tmp_path / "prompts.jsonl", 30)
-    script = EXAMPLE.with_name("openai_compatible.py")
-    extra = '{"model": "toy-bigram", "max_tokens": 4, "temperature": 0}'
-    with running(script, tmp_path / "oai.log", {"EXTRACTION_SHIELD_SECRET_KEY": SECRET}) as base:
-        code = main(["audit", "--target", f"{base}/v1/chat/completions", "--format", "openai",
-                     "--samples", str(samples), "--budget", "40", "--identities", "2",
-                     "--benign", "10", "--extra", extra, "--json",
-                     "--out", str(tmp_path / "report")])  # fmt: skip
+    code = main(["audit", "--target", f"{openai_server}{path}", "--format", "openai",
+                 "--samples", str(samples), "--budget", "40", "--identities", "2",
+                 "--benign", "10", "--extra", extra, "--json", "--fail-if", "fidelity>1",
+                 "--out", str(tmp_path / "report")])  # fmt: skip
     summary = json.loads(capsys.readouterr().out)
-    assert code == 0 and summary["answer_kind"] == "text"
+    assert code == 0 and summary["answer_kind"] == kind
     assert summary["benign"]["repeat"]["changed_top1"] == 0  # greedy decoding: same texts
-    assert all(run["fidelity"] is None and run["answered"] == 40 for run in summary["attacks"])
-    assert any("text" in note for note in summary["notes"])
+    for run in summary["attacks"]:
+        assert run["answered"] == 40 and set(run["fidelity"]) == {thief}
+        curve = run["fidelity"][thief]
+        assert set(curve) == {"10", "20", "40"} and all(0.0 <= f <= 1.0 for f in curve.values())
+        cosine = run["mean_cosine"]
+        if kind == "embeddings":
+            assert set(cosine) == set(curve) and all(-1.0 <= c <= 1.0 for c in cosine.values())
+        else:
+            assert cosine is None
+    best = max(f for run in summary["attacks"] for f in run["fidelity"][thief].values())
+    assert summary["max_fidelity"] == best and summary["checks"][0]["value"] == best
+    text = (tmp_path / "report" / "AUDIT.md").read_text(encoding="utf-8")
+    assert f"| {thief} fidelity |" in text and "soft fidelity" not in text
+    assert f"{best:.0%} {meaning} with the endpoint" in text
     assert (tmp_path / "report" / "audit_fidelity.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("model", "kind", "thieves"),
+    [("embed", "embeddings", {"embedding"}), ("classes", "labels", {"soft", "label"})],
+)
+def test_audit_of_numeric_embedding_and_label_endpoints(
+    model: str, kind: str, thieves: set[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = np.random.default_rng(7).uniform(-1, 1, (90, 4)).round(4).tolist()
+    samples = tmp_path / "rows.jsonl"
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    script = Path(__file__).with_name("kserve_server.py")
+    with running(script, tmp_path / "k.log", {"EXTRACTION_SHIELD_SECRET_KEY": SECRET}) as base:
+        code = main(["audit", "--target", f"{base}/v1/models/{model}:predict", "--format",
+                     "kserve_v1", "--samples", str(samples), "--budget", "150",
+                     "--identities", "3", "--benign", "30", "--attacks", "uniform",
+                     "--json"])  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["answer_kind"] == kind
+    for run in summary["attacks"]:
+        assert set(run["fidelity"]) == thieves
+        assert all(0.0 <= f <= 1.0 for c in run["fidelity"].values() for f in c.values())
+        # A copy of a smooth 4-feature model from 150 answers is close to it (scored on
+        # the labels themselves, not on the argmax of a one-number row).
+        final = {thief: curve["150"] for thief, curve in run["fidelity"].items()}
+        assert max(final.values()) > 0.75
+        assert (run["mean_cosine"] is None) == (kind != "embeddings")
+        if run["mean_cosine"] is not None:
+            assert run["mean_cosine"]["150"] > 0.9
 
 
 def test_the_time_limit_bounds_the_audit(

@@ -28,7 +28,8 @@ from .run import (
 from .wire import FORMATS
 
 METRICS = {
-    "fidelity": "best substitute fidelity of any run (0-1)",
+    "fidelity": "best substitute fidelity of any run and thief (0-1: top-1, retrieval or "
+    "next-word agreement, by the answers' kind)",
     "single_fidelity": "best fidelity of the one-identity runs",
     "sybil_fidelity": "best fidelity of the sybil runs",
     "unreacted": "attack runs the shield never reacted to",

@@ -13,12 +13,32 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from .run import AttackRun, AuditResult
-from .substitutes import THIEVES
+from .substitutes import agreement_for, thieves_for
+from .wire import EMBEDDINGS, TEXT
 
 REPORT = "AUDIT.md"
 FIDELITY_PLOT = "audit_fidelity.png"
 REFUSALS_PLOT = "audit_refusals.png"
 COLOURS = ("#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#66408c", "#8c564b")
+_FIDELITY_OF = {
+    EMBEDDINGS: "Fidelity: retrieval agreement of the `embedding` thief, a ridge regression "
+    "from the inputs' features (hashed word counts, or the scaled numeric features) to the "
+    "embeddings a run received: the share of held-out samples whose copied embedding is "
+    "nearest (cosine, among the held-out samples' reference embeddings) to the sample's own "
+    "reference embedding. Chance is one over the number of held-out samples; the mean "
+    "cosine of copy and reference is in the `--json` output.",
+    TEXT: "Fidelity: next-word agreement of the `text` thief, a word-bigram model of the "
+    "completions a run received (its first word conditioned on the prompt's last word): "
+    "the share of positions of the held-out prompts' reference completions where the "
+    "copy's most likely next word, given the reference's previous word, is the reference's "
+    "word. It measures how well a small imitation reproduces the endpoint's wording, not "
+    "what distilling a capable language model from the answers would give.",
+}
+_CLASSIFIER_FIDELITY = (
+    "Fidelity: top-1 agreement of a substitute trained on the answers a run received "
+    "with the reference answers on the held-out samples (the `soft` thief regresses "
+    "the answer rows, the `label` thief learns the top-1 only)."
+)
 
 
 def require(module: str, extra: str, what: str) -> None:
@@ -82,7 +102,8 @@ def markdown(result: AuditResult, command: str) -> str:
         if best is not None:
             lines.append(
                 f"- **Best copy from {'one identity' if split == 'single' else 'sybils'}**: "
-                f"{_pct(best)} agreement with the endpoint's top-1 on held-out samples."
+                f"{_pct(best)} {agreement_for(result.answer_kind)} with the endpoint on "
+                "held-out samples."
             )
     before, after = result.passes["before"], result.passes["after"]
     lines.append(
@@ -91,24 +112,24 @@ def markdown(result: AuditResult, command: str) -> str:
         "top-1 answers changed after the attacks."
     )
     lines += ["", "## What an attacker would get", ""]
+    thieves = thieves_for(result.answer_kind)
     lines.append(
-        "Fidelity: top-1 agreement of a substitute trained on the answers a run received "
-        "with the reference answers on the held-out samples (the `soft` thief regresses "
-        "the answer rows, the `label` thief learns the top-1 only). A run stopped after "
-        "100 refusals in a row keeps its last fidelity for the rest of its budget."
+        _FIDELITY_OF.get(result.answer_kind, _CLASSIFIER_FIDELITY)
+        + " Scored after a quarter, half and all of the budget; a run stopped after 100 "
+        "refusals in a row keeps its last fidelity for the rest of its budget."
     )
     lines += [
         "",
         "| attack | identities | sent | answered | refused | "
-        + " | ".join(f"{t} fidelity" for t in THIEVES)
+        + " | ".join(f"{t} fidelity" for t in thieves)
         + " |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(THIEVES),
+        "|---|---:|---:|---:|---:|" + "---:|" * len(thieves),
     ]
     for run in result.runs:
         r = run.summary()
         lines.append(
             f"| {run.attack} | {run.identities} | {r['sent']} | {r['answered']} | "
-            f"{r['refused']} | " + " | ".join(_pct(_final(run, t)) for t in THIEVES) + " |"
+            f"{r['refused']} | " + " | ".join(_pct(_final(run, t)) for t in thieves) + " |"
         )
     lines += ["", f"![fidelity against queries]({FIDELITY_PLOT})", ""]
     lines += ["## When the shield reacted", ""]
@@ -186,9 +207,10 @@ def _style(run: AttackRun, attacks: list[str]) -> dict[str, Any]:
 
 def _fidelity_plot(result: AuditResult, path: Path) -> Path:
     attacks = list(dict.fromkeys(run.attack for run in result.runs))
-    figure = _figure(4.2 * len(THIEVES), 3.4)
-    axes = figure.subplots(1, len(THIEVES), sharey=True, squeeze=False)[0]
-    for ax, thief in zip(axes, THIEVES, strict=True):
+    thieves = thieves_for(result.answer_kind)
+    figure = _figure(4.2 * len(thieves), 3.4)
+    axes = figure.subplots(1, len(thieves), sharey=True, squeeze=False)[0]
+    for ax, thief in zip(axes, thieves, strict=True):
         for run in result.runs:
             curve = (run.fidelity or {}).get(thief)
             if curve:
@@ -198,7 +220,7 @@ def _fidelity_plot(result: AuditResult, path: Path) -> Path:
         ax.set_xlabel("queries sent")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("agreement with the endpoint (held out)")
+    axes[0].set_ylabel(f"{agreement_for(result.answer_kind)} (held out)")
     if axes[-1].get_legend_handles_labels()[0]:
         axes[-1].legend(fontsize=7, loc="lower right")
     else:

@@ -12,8 +12,10 @@
    reference beyond the tolerance is a *perturbed-looking* answer.
 3. ``after``: the benign identities replay their samples once more.
 
-Substitutes are then trained on each attack's answers (see :mod:`.substitutes`) and
-scored on the held-out samples against the reference answers. Bounded: ``budget``,
+Substitutes are then trained on each attack's answers and scored on the held-out samples
+against the reference answers: classifier thieves by top-1 agreement, an embedding thief
+by retrieval agreement (see :mod:`.substitutes`), a text thief by next-word agreement
+(see :mod:`.bigram`). Bounded: ``budget``,
 ``identities``, ``time_limit`` and ``benign`` have hard caps; requests go one at a time.
 """
 
@@ -31,9 +33,15 @@ import numpy as np
 
 from ..errors import ConfigurationError
 from .attacks import Array, Box, Campaign, jitter, strategies
+from .bigram import text_copy_curve
 from .client import Client, Reply, parse_headers, resolve_target
 from .samples import Samples, load_samples
-from .substitutes import fidelity_curve, text_fidelity_curve
+from .substitutes import (
+    embedding_fidelity_curve,
+    fidelity_curve,
+    text_fidelity_curve,
+    word_features,
+)
 from .text import TEXT_ATTACKS, text_queries
 from .wire import EMBEDDINGS, LABELS, TEXT, Answer, Wire, one_hot
 
@@ -147,6 +155,8 @@ class AttackRun:
     stopped: str = "budget"
     seconds: float = 0.0
     fidelity: dict[str, dict[int, float]] | None = None
+    mean_cosine: dict[int, float] | None = None
+    """Embedding answers: the mean cosine of the copy's embeddings with the reference's."""
 
     @property
     def first_reaction(self) -> int | None:
@@ -178,7 +188,8 @@ class AttackRun:
             "seconds": round(self.seconds, 3),
             "fidelity": None
             if self.fidelity is None
-            else {t: {str(b): round(f, 4) for b, f in c.items()} for t, c in self.fidelity.items()},
+            else {t: _by_budget(c) for t, c in self.fidelity.items()},
+            "mean_cosine": None if self.mean_cosine is None else _by_budget(self.mean_cosine),
         }
 
 
@@ -295,6 +306,7 @@ class _Audit:
         self.reference: dict[int, Answer] = {}
         self.tolerance = 1e-9
         self.width = 2  # columns of one-hot rows, for label answers
+        self.kind = "mixed"  # of the reference answers, once they are in
 
     def key(self, role: str) -> str:
         return f"audit-{self.token}-{role}"
@@ -340,6 +352,11 @@ class _Audit:
         if answer.kind == LABELS:
             return np.asarray(one_hot(answer.row, self.width)[0], dtype=np.float64)
         return answer.row
+
+    def label(self, answer: Answer) -> int | None:
+        """A classifier answer's class: the argmax of its row, the label of a label."""
+        row = self.vector(answer)
+        return None if row is None else int(np.argmax(row))
 
     def attack(
         self,
@@ -458,7 +475,7 @@ class _Audit:
                 "check the URL, the format, --header and --extra"
             )
         kinds = {a.kind for a in self.reference.values()}
-        kind = kinds.pop() if len(kinds) == 1 else "mixed"
+        kind = self.kind = kinds.pop() if len(kinds) == 1 else "mixed"
         repeat, _ = self.benign("repeat", replay)
         self.tolerance = max(1e-9, 2 * repeat.max_distance)
         labels = [a.row for a in self.reference.values() if a.kind == LABELS and a.row is not None]
@@ -482,17 +499,15 @@ class _Audit:
                     campaign = self.numeric_run(
                         run, pool, np.random.default_rng(rng.integers(2**32))
                     )
-                    run.fidelity = self.numeric_fidelity(campaign, pool, held)
+                    self.numeric_fidelity(run, campaign, pool, held)
                 else:
-                    run.fidelity = self.text_run(
-                        run, pool, held, np.random.default_rng(rng.integers(2**32))
-                    )
+                    self.text_run(run, pool, held, np.random.default_rng(rng.integers(2**32)))
                 runs.append(run)
         after, _ = self.benign("after", replay)
-        if kind in (EMBEDDINGS, TEXT):
+        if kind == "mixed":
             notes.append(
-                f"The endpoint answers {kind}: substitute fidelity is measured for "
-                "classifiers (probabilities, scores or labels) only."
+                "The endpoint's answers were of several kinds: substitute fidelity is "
+                "measured when every reference answer is of one kind."
             )
         return AuditResult(
             config,
@@ -511,51 +526,74 @@ class _Audit:
         budget = self.config.budget
         return sorted({max(1, budget // 4), max(1, budget // 2), budget})
 
+    def held_out(self, held: list[int]) -> list[int]:
+        """The held-out samples whose reference answer is of the audit's kind."""
+        return [i for i in held if i in self.reference and self.reference[i].kind == self.kind]
+
     def numeric_fidelity(
-        self, campaign: Campaign, pool: list[int], held: list[int]
-    ) -> dict[str, dict[int, float]] | None:
+        self, run: AttackRun, campaign: Campaign, pool: list[int], held: list[int]
+    ) -> None:
         assert self.samples.features is not None
         rows = [a for a in campaign.answers if a is not None]
-        if not rows or any(r.shape != rows[0].shape for r in rows):
-            return None
-        held = [i for i in held if i in self.reference and self.reference[i].row is not None]
-        if not held or self.reference[held[0]].kind in (EMBEDDINGS, TEXT):
-            return None
+        held = self.held_out(held)
+        if not rows or any(r.shape != rows[0].shape for r in rows) or not held:
+            return
         box = Box.around(self.samples.features[pool])
-        target = np.asarray([self.reference[i].top1() for i in held], dtype=np.int64)
         x_eval = self.samples.features[held]
-        return fidelity_curve(
+        if self.kind == EMBEDDINGS:
+            x = box.scaled(np.asarray(campaign.queries))
+            self.embedding_fidelity(run, x, campaign.answers, box.scaled(x_eval), held)
+            return
+        target = np.asarray([self.label(self.reference[i]) for i in held], dtype=np.int64)
+        run.fidelity = fidelity_curve(
             campaign.queries, campaign.answers, self.budgets(), x_eval, target, [0], box.scaled
+        )
+
+    def embedding_fidelity(
+        self, run: AttackRun, x: Any, answers: list[Array | None], x_eval: Any, held: list[int]
+    ) -> None:
+        if len(held) < 2:  # retrieving the only candidate is no agreement at all
+            return
+        reference = np.stack([row for i in held if (row := self.reference[i].row) is not None])
+        run.fidelity, run.mean_cosine = embedding_fidelity_curve(
+            x, answers, self.budgets(), x_eval, reference
         )
 
     def text_run(
         self, run: AttackRun, pool: list[int], held: list[int], rng: np.random.Generator
-    ) -> dict[str, dict[int, float]] | None:
+    ) -> None:
         texts = [str(self.samples.items[i]) for i in pool]
         planned = iter(text_queries(run.attack, texts, self.config.budget, rng))
         sent: list[str] = []
-        labels: list[int | None] = []
+        answers: list[Answer | None] = []
 
         def deliver(query: Any, answer: Answer | None) -> None:
             sent.append(str(query))
-            row = self.vector(answer)
-            labels.append(
-                None
-                if row is None or answer is None or answer.kind == EMBEDDINGS
-                else int(np.argmax(row))
-            )
+            answers.append(answer)
 
         self.attack(run, lambda: next(planned, None), deliver, self.canary_samples)
-        held = [
-            i
-            for i in held
-            if i in self.reference and self.reference[i].kind not in (EMBEDDINGS, TEXT)
-        ]
-        if not held or all(label is None for label in labels):
-            return None
-        target = np.asarray([self.reference[i].top1() for i in held], dtype=np.int64)
+        held = self.held_out(held)
         texts_eval = [str(self.samples.items[i]) for i in held]
-        return text_fidelity_curve(sent, labels, self.budgets(), texts_eval, target)
+        if not held or not sent:
+            return
+        if self.kind == TEXT:
+            completions = [None if a is None else a.text for a in answers]
+            references = [
+                (t, self.reference[i].text or "") for t, i in zip(texts_eval, held, strict=True)
+            ]
+            run.fidelity = text_copy_curve(sent, completions, self.budgets(), references)
+        elif self.kind == EMBEDDINGS:
+            rows = [None if a is None else a.row for a in answers]
+            x, x_eval = word_features(sent), word_features(texts_eval)
+            self.embedding_fidelity(run, x, rows, x_eval, held)
+        elif any(a is not None for a in answers):
+            labels = [None if a is None else self.label(a) for a in answers]
+            target = np.asarray([self.label(self.reference[i]) for i in held], dtype=np.int64)
+            run.fidelity = text_fidelity_curve(sent, labels, self.budgets(), texts_eval, target)
+
+
+def _by_budget(curve: dict[int, float]) -> dict[str, float]:
+    return {str(budget): round(value, 4) for budget, value in curve.items()}
 
 
 def _problem_type(body: bytes) -> str | None:

@@ -43,9 +43,11 @@ class Answer:
     text: str | None = None
 
     def top1(self) -> int | str:
-        """The answer's decision: the argmax of a row, or the text itself."""
+        """The answer's decision: the argmax of a row, the class of a label, or the text."""
         if self.row is None:
             return self.text or ""
+        if self.kind == LABELS:
+            return int(self.row[0])
         return int(np.argmax(self.row))
 
     def distance(self, other: Answer) -> float:
