@@ -95,6 +95,25 @@ def _keyed_matrix(key: bytes, label: str, shape: tuple[int, ...]) -> Matrix:
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def _pairs(key: bytes, d: int, width: int) -> Matrix:
+    """The keyed ``a_j`` then ``b_j`` of :func:`features`, side by side (one product)."""
+    out = np.hstack(
+        [
+            keyed_gaussian(key, "features-a", (d, width)),
+            keyed_gaussian(key, "features-b", (d, width)),
+        ]
+    )
+    out.setflags(write=False)
+    return out
+
+
+def _products(x: Matrix, key: bytes, width: int) -> Matrix:
+    both = x @ _pairs(key, x.shape[1], width)
+    out: Matrix = both[:, :width] * both[:, width:] * math.sqrt(QUADRATIC_SHARE / width)
+    return out
+
+
 def features(x: Matrix, key: bytes, width: int) -> Matrix:
     """A keyed feature map of unit directions ``x`` (``(n, d)``) of ``d + width`` columns:
     ``[√(1 − s)·x̃, √s·((⟨a_j, x̃⟩⟨b_j, x̃⟩) / √width)_j]``, ``a_j, b_j`` keyed standard
@@ -105,13 +124,7 @@ def features(x: Matrix, key: bytes, width: int) -> Matrix:
     ``width`` dimensions more for a keyed direction to lie in."""
     if width == 0:
         return x
-    d = x.shape[1]
-    a = _keyed_matrix(key, "features-a", (d, width))
-    b = _keyed_matrix(key, "features-b", (d, width))
-    products = (x @ a) * (x @ b) / math.sqrt(width)
-    out: Matrix = np.hstack(
-        [math.sqrt(1.0 - QUADRATIC_SHARE) * x, math.sqrt(QUADRATIC_SHARE) * products]
-    )
+    out: Matrix = np.hstack([math.sqrt(1.0 - QUADRATIC_SHARE) * x, _products(x, key, width)])
     return out
 
 
@@ -122,9 +135,14 @@ def phase_direction(key: bytes, dim: int) -> NDArray[np.float64]:
 
 
 def scores(x: Matrix, key: bytes, width: int) -> NDArray[np.float64]:
-    """``⟨w, φ(x̃)⟩`` for unit directions ``x``, ``φ`` = :func:`features` of ``width``."""
-    phi = features(x, key, width)
-    out: NDArray[np.float64] = phi @ phase_direction(key, phi.shape[1])
+    """``⟨w, φ(x̃)⟩`` for unit directions ``x``, ``φ`` = :func:`features` of ``width``
+    (without building ``φ``: the response path marks one row at a time)."""
+    d = x.shape[1]
+    w = phase_direction(key, d + width)
+    if width == 0:
+        out: NDArray[np.float64] = x @ w
+        return out
+    out = math.sqrt(1.0 - QUADRATIC_SHARE) * (x @ w[:d]) + _products(x, key, width) @ w[d:]
     return out
 
 
