@@ -24,9 +24,9 @@ keyed draws), one-sided, without random keys. Its evidence grows with the dimens
 mark lives in: a perfect copy's ``z`` is bounded by about the square root of ``φ``'s
 effective rank on the probes, about 7 for the 64 pixels' directions alone and 12 with
 1,024 products (extraction lab). The products are quadratic forms of ``x̃``: smooth, so
-that an MLP copy learns them from a few thousand answers; on the lab, over 12 keys, a
-copy of 2,000 soft answers reaches a mean ``z`` of 4.8 (4.2 on ``x̃`` alone), 5.8 at 5,000
-(5.0).
+that an MLP copy learns them from a few thousand answers; on the lab, over 32 keys, a
+copy of 2,000 soft answers reaches a mean ``z`` of 4.5 (4.0 on ``x̃`` alone), and over 12
+keys 5.8 at 5,000 (5.0).
 
 From ``k = 2π`` on (the paper's 16) the test is the Lomb–Scargle power at ``k`` against
 the power at the other frequencies; its p-value compares that power to the same
