@@ -73,7 +73,7 @@ class WatermarkConfig:
 
 def quick() -> WatermarkConfig:
     return WatermarkConfig(
-        name="quick", budgets=(300, 2_000), independent=2, drw_probes=300, drw_nulls=20
+        name="quick", budgets=(300, 2_000), independent=2, drw_probes=2_000, drw_nulls=20
     )
 
 
