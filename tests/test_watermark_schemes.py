@@ -189,6 +189,19 @@ def test_drw_features_are_keyed_and_of_unit_norm() -> None:
     assert stats.kstest(z, "uniform").pvalue > 0.01
 
 
+def test_drw_features_leave_wide_inputs_their_direction() -> None:
+    """Keyed pairs of d × width numbers are drawn and held only up to a budget (16 MB);
+    wider inputs (an image of 3 × 224 × 224) keep the direction alone, marking and
+    verifying alike."""
+    key = watermark_key(SECRET, "drw")
+    wide = directions(np.random.default_rng(32).normal(0.0, 1.0, (3, 3 * 224 * 224)))
+    assert wide is not None
+    assert features(wide, key, 1024) is wide
+    np.testing.assert_allclose(phase(wide, key, 1024), phase(wide, key, 0))
+    narrow = directions(np.random.default_rng(33).normal(0.0, 1.0, (3, 784)))
+    assert narrow is not None and features(narrow, key, 1024).shape == (3, 784 + 1024)
+
+
 def test_drw_parameters_default_and_bad_values() -> None:
     assert DRW().k == 3.0 and DRW().features == 1024  # the exact test, with products
     assert DRW(k=16.0).features == 0  # the periodogram reads the direction alone

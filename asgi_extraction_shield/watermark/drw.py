@@ -156,7 +156,9 @@ is 0, the phase of the input's direction alone, which the periodogram reads bett
 perfect copy of a few clusters: p < 1e-6 with it, 2e-4 with 1,024 products)."""
 
 MAX_FEATURES = 8192
-"""The largest ``features``: marking costs two ``d × features`` products a row."""
+"""The largest ``features``: marking costs a ``d × 2·features`` product a row (and inputs
+with ``d × features`` above :data:`~.projection.PRODUCT_BUDGET` keep their direction
+alone)."""
 
 LINEAR_BELOW = 2.0 * np.pi
 """Below this ``k`` the mark is less than one period over the phases' range, mostly a

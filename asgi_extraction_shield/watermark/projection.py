@@ -95,7 +95,18 @@ def _keyed_matrix(key: bytes, label: str, shape: tuple[int, ...]) -> Matrix:
     return out
 
 
-@functools.lru_cache(maxsize=32)
+PRODUCT_BUDGET = 1 << 20
+"""The largest ``d × width`` of :func:`features`' keyed pairs (16 MB of them): wider
+inputs keep their direction alone, which already spans ``d`` dimensions."""
+
+
+def product_width(d: int, width: int) -> int:
+    """The products :func:`features` makes for inputs of ``d`` numbers: ``width``, or 0
+    when ``d × width`` exceeds :data:`PRODUCT_BUDGET`."""
+    return width if d * width <= PRODUCT_BUDGET else 0
+
+
+@functools.lru_cache(maxsize=4)
 def _pairs(key: bytes, d: int, width: int) -> Matrix:
     """The keyed ``a_j`` then ``b_j`` of :func:`features`, side by side (one product)."""
     out = np.hstack(
@@ -121,7 +132,9 @@ def features(x: Matrix, key: bytes, width: int) -> Matrix:
     has variance 1 for a unit ``x̃``, so ``|φ(x̃)|² ≈ 1`` as ``|x̃|² = 1``: a keyed
     projection ``⟨w, φ(x̃)⟩`` stays about N(0, 1) over keys for any input. The products are
     a random projection of the quadratic forms of ``x̃``: smooth functions of the input, but
-    ``width`` dimensions more for a keyed direction to lie in."""
+    ``width`` dimensions more for a keyed direction to lie in. Inputs too wide for
+    :data:`PRODUCT_BUDGET` keep ``x̃`` alone (:func:`product_width`)."""
+    width = product_width(x.shape[1], width)
     if width == 0:
         return x
     out: Matrix = np.hstack([math.sqrt(1.0 - QUADRATIC_SHARE) * x, _products(x, key, width)])
@@ -138,6 +151,7 @@ def scores(x: Matrix, key: bytes, width: int) -> NDArray[np.float64]:
     """``⟨w, φ(x̃)⟩`` for unit directions ``x``, ``φ`` = :func:`features` of ``width``
     (without building ``φ``: the response path marks one row at a time)."""
     d = x.shape[1]
+    width = product_width(d, width)
     w = phase_direction(key, d + width)
     if width == 0:
         out: NDArray[np.float64] = x @ w
