@@ -25,6 +25,9 @@ def test_quick_watermark_evaluation() -> None:
     # A label-only copy made from 2,000 shielded answers carries dawn's marks, to the
     # target of 1e-6 thanks to a keyed label per (region, answer) (one per region: 5e-5).
     assert thieves[("label", max(config.budgets), "dawn")].p_value < 1e-6
+    # A soft-label copy of 2,000 answers carries drw's slope along the keyed products
+    # (3e-7 with 2,000 probes; 1.3e-4 on the direction alone, features=0).
+    assert thieves[("soft", max(config.budgets), "drw")].p_value < 1e-5
     independent = [r for r in result.rows if r.budget is None]
     assert len(independent) == 2 * config.independent
     assert all(r.p_value >= SIGNIFICANCE for r in independent)

@@ -31,7 +31,7 @@ from asgi_extraction_shield.verify import verify
 from asgi_extraction_shield.watermark import build_watermarks, parse_watermarks, watermark_key
 from asgi_extraction_shield.watermark.dawn import DAWN
 from asgi_extraction_shield.watermark.drw import DRW, signal
-from asgi_extraction_shield.watermark.projection import cells, directions, phase
+from asgi_extraction_shield.watermark.projection import cells, directions, features, phase
 from asgi_extraction_shield.watermark.pvalues import binomial_sf, keyed_choice_sf
 from asgi_extraction_shield.watermark.records import RecordStore
 from asgi_extraction_shield.watermark.stats import calibrated_tail, lomb_scargle
@@ -157,15 +157,71 @@ def test_drw_marks_rows_deterministically_and_per_key() -> None:
     np.testing.assert_allclose(shielded(drw, x[:5]).probabilities, a[:5])
 
 
-def test_drw_phase_ignores_brightness_and_contrast() -> None:
+@pytest.mark.parametrize("width", [0, 1024])
+def test_drw_phase_ignores_brightness_and_contrast(width: int) -> None:
     x = blobs(20, 4)
     key = watermark_key(SECRET, "drw")
     dx = directions(x)
     assert dx is not None
-    t = phase(dx, key)
-    t2 = phase(directions(3.0 * x + 5.0), key)  # type: ignore[arg-type]
+    t = phase(dx, key, width)
+    t2 = phase(directions(3.0 * x + 5.0), key, width)  # type: ignore[arg-type]
     np.testing.assert_allclose(t, t2)
     assert t.min() > 0 and t.max() < 1
+
+
+def test_drw_features_are_keyed_and_of_unit_norm() -> None:
+    """φ(x̃) = [√(1−s)·x̃, √s·(⟨a_j, x̃⟩⟨b_j, x̃⟩/√D)_j]: |φ|² ≈ 1 for a unit x̃, so that
+    ⟨w, φ⟩ stays about N(0, 1) over keys; width 0 is x̃ itself; other key, other map."""
+    x = directions(np.random.default_rng(30).normal(0.0, 1.0, (300, 64)))
+    assert x is not None
+    key = watermark_key(SECRET, "drw")
+    np.testing.assert_array_equal(features(x, key, 0), x)
+    phi = features(x, key, 1024)
+    assert phi.shape == (300, 64 + 1024)
+    np.testing.assert_array_equal(phi, features(x, key, 1024))  # deterministic
+    norms = np.linalg.norm(phi, axis=1)
+    assert abs(norms.mean() - 1.0) < 0.02 and norms.min() > 0.8 and norms.max() < 1.2
+    other = features(x, watermark_key(SECRET + "2", "drw"), 1024)
+    np.testing.assert_allclose(other[:, :64], phi[:, :64])  # the direction's share
+    assert abs(np.corrcoef(other[:, 64:].ravel(), phi[:, 64:].ravel())[0, 1]) < 0.02
+    # Over keys, the phase's projection of one input is close to N(0, 1).
+    z = [phase(x[:1], watermark_key(f"{SECRET}-{i}", "drw"), 1024)[0] for i in range(300)]
+    assert stats.kstest(z, "uniform").pvalue > 0.01
+
+
+def test_drw_features_leave_wide_inputs_their_direction() -> None:
+    """Keyed pairs of d × width numbers are drawn and held only up to a budget (16 MB);
+    wider inputs (an image of 3 × 224 × 224) keep the direction alone, marking and
+    verifying alike."""
+    key = watermark_key(SECRET, "drw")
+    wide = directions(np.random.default_rng(32).normal(0.0, 1.0, (3, 3 * 224 * 224)))
+    assert wide is not None
+    assert features(wide, key, 1024) is wide
+    np.testing.assert_allclose(phase(wide, key, 1024), phase(wide, key, 0))
+    narrow = directions(np.random.default_rng(33).normal(0.0, 1.0, (3, 784)))
+    assert narrow is not None and features(narrow, key, 1024).shape == (3, 784 + 1024)
+
+
+def test_drw_parameters_default_and_bad_values() -> None:
+    assert DRW().k == 3.0 and DRW().features == 1024  # the exact test, with products
+    assert DRW(k=16.0).features == 0  # the periodogram reads the direction alone
+    assert bound("drw:features=0").features == 0
+    assert bound("drw:features=256").features == 256
+    for bad in (-1, 100_000):
+        with pytest.raises(ValueError, match="features"):
+            DRW(features=bad)
+
+
+def test_drw_default_mark_keeps_rows_valid_and_the_cost_bound() -> None:
+    x = blobs(2000, 31)
+    drw = bound("drw")
+    after = shielded(drw, x).probabilities
+    assert after is not None
+    np.testing.assert_allclose(after.sum(axis=1), 1.0, atol=1e-12)
+    assert after.min() >= 0
+    change = np.abs(after - model(x)).max()
+    assert change <= 2 * drw.eps / (1 + 2 * drw.eps) + 1e-12
+    np.testing.assert_allclose(shielded(drw, x[:7]).probabilities, after[:7])  # row by row
 
 
 def test_drw_periodogram_detects_a_copy_and_not_with_a_wrong_key() -> None:
@@ -192,16 +248,18 @@ def test_drw_periodogram_p_values_are_uniform_for_independent_models() -> None:
     assert min(p_values) > 1e-4
 
 
-def test_drw_linear_test_is_exactly_normal_for_independent_models() -> None:
-    """Below k = 2π DRW is tested by z = <b, w> / |b|: exactly N(0, 1) for a model that
-    never saw the key, whatever the inputs' structure (here blobs near 5 centres)."""
-    x = blobs(400, 23)
+@pytest.mark.parametrize("width", [None, 0])
+def test_drw_linear_test_is_exactly_normal_for_independent_models(width: int | None) -> None:
+    """Below k = 2π DRW is tested by z = −<b, w> / |b|: exactly N(0, 1) for a model that
+    never saw the key, whatever the inputs' structure (here blobs near 5 centres), on the
+    keyed features (default) as on the directions alone."""
+    x = blobs(300, 23)
     answers = one_by_one(model(x))
-    drw = DRW()  # the default k = 4: the exact test
+    drw = DRW(features=width)  # the default k = 3: the exact test
     assert drw.k < 2 * np.pi
     results = [
         drw.test(watermark_key(f"{SECRET}-{i}", "drw"), x.tolist(), answers, 1e-3)
-        for i in range(300)
+        for i in range(200)
     ]
     assert all(r.details["test"] == "linear" for r in results)
     z = np.asarray([r.details["z"] for r in results])
@@ -210,21 +268,27 @@ def test_drw_linear_test_is_exactly_normal_for_independent_models() -> None:
 
 
 def test_drw_linear_test_detects_a_slow_mark_and_not_with_a_wrong_key() -> None:
-    # The evidence of one keyed direction grows as the square root of the inputs' width:
-    # 64 features here (digits' pixels), a perfect copy.
+    # A perfect copy. The evidence of one keyed direction grows as the square root of the
+    # dimension it lives in: 64 input features here (digits' pixels), 64 + 1,024 with the
+    # keyed products (the default).
     rng = np.random.default_rng(24)
     x = rng.normal(0.0, 1.0, (1500, 64))
     request = batch_request(KServeV1(), x.tolist())
-    outputs = Outputs(request.keys, probabilities=softmax(x @ rng.normal(0.0, 0.3, (64, 5))))
-    drw = bound("drw:k=3")
-    drw.apply(outputs, Context(b"unused", "thief", request))
-    copied = outputs.probabilities
-    assert copied is not None
+    clean = softmax(x @ rng.normal(0.0, 0.3, (64, 5)))
     key = watermark_key(SECRET, "drw")
-    result = drw.test(key, x.tolist(), one_by_one(copied), 1e-3)
-    assert result.details["test"] == "linear" and result.p_value < 1e-6, result
-    wrong = drw.test(watermark_key(SECRET + "x", "drw"), x.tolist(), one_by_one(copied), 1e-3)
-    assert not wrong.verdict
+    z = {}
+    for spec in ("drw:features=0", "drw"):
+        outputs = Outputs(request.keys, probabilities=clean.copy())
+        drw = bound(spec)
+        drw.apply(outputs, Context(b"unused", "thief", request))
+        copied = outputs.probabilities
+        assert copied is not None
+        result = drw.test(key, x.tolist(), one_by_one(copied), 1e-3)
+        assert result.details["test"] == "linear" and result.p_value < 1e-6, result
+        z[spec] = result.statistic
+        wrong = watermark_key(SECRET + "x", "drw")
+        assert not drw.test(wrong, x.tolist(), one_by_one(copied), 1e-3).verdict
+    assert z["drw"] > 1.5 * z["drw:features=0"], z
 
 
 # -- DAWN ------------------------------------------------------------------------------------

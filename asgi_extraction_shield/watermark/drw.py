@@ -1,38 +1,41 @@
 """DRW: a keyed periodic signal in the probabilities (Zhao et al., "Distillation-Resistant
 Watermarking", EMNLP Findings 2022; GINSEW, ACL 2023, is its generative sibling).
 
-Each input gets a keyed phase ``t ∈ (0, 1)`` (:func:`~.projection.phase`); a keyed target
+Each input gets a keyed phase ``t = Φ(⟨w, φ(x̃)⟩) ∈ (0, 1)`` (:func:`~.projection.phase`):
+``φ`` is a keyed feature map of the input's direction ``x̃`` (:func:`~.projection.features`:
+``x̃`` and ``features`` keyed products of its projections, 1,088 dimensions on 64 pixels;
+``features=0``: ``x̃`` alone) and ``w`` a keyed standard normal direction. A keyed target
 class ``c*`` receives a sinusoid of angular frequency ``k`` and amplitude ``ε``:
 
     p̃_c = (p_c + ε_c (1 + cos(k·t + φ_c))) / (1 + 2ε),
     ε_c = ε, φ_c = 0 for c*;   ε_c = ε / (K − 1), φ_c = π for the others.
 
 Rows stay on the simplex. A substitute trained on such rows (soft labels) learns the
-signal with the rest; verification probes the suspect with any inputs of its domain,
-pairs each phase with the suspect's probability of ``c*`` and measures the
-Lomb–Scargle power at ``k`` against the power at the other frequencies. Nothing needs to
-be recorded. The p-value compares that power to the same statistic for random phases,
-each made orthogonal (over the probes) to ours: real inputs lie near a low-dimensional
-manifold, so random projections of them are correlated, and an unadjusted random phase
-would carry part of the mark into the null (on the lab's digits the stolen copy's power
-sat inside the null's range until the null phases were decorrelated).
+signal with the rest; verification probes the suspect with any inputs of its domain and
+uses its probability of ``c*`` over the probes whose top class is another, centred within
+each top class. Nothing needs to be recorded.
 
-``k`` (default 4; the paper's is 16) trades how easily a substitute learns the signal against
-how wide the null is: on the extraction lab an MLP trained on 5,000 soft answers follows
-a slow signal (correlation 0.73 with it at k = 4) and hardly a fast one (0.21 on its own
-training queries at k = 16), while at low k the structure every model shares (classes
-lying at different phases) widens the null, so a perfect copy of a model of a few
-clusters is provable at k = 16 and not at k = 4. Measure it on your own inputs.
+Below ``k = 2π`` (less than one period over the phases' range; default ``k = 3``, where
+``cos(k·t)`` falls over the whole range) the mark is mostly a slope along ``w`` in the
+feature space, and a copy learns that slope: the test is :func:`linear_z`, ``z`` from the
+ridge regression of that probability on ``φ``: exact (N(0, 1) for any model that never saw
+the key, since ``w`` is a standard normal vector independent of it and of ``φ``'s own
+keyed draws), one-sided, without random keys. Its evidence grows with the dimension the
+mark lives in: a perfect copy's ``z`` is bounded by about the square root of ``φ``'s
+effective rank on the probes, about 7 for the 64 pixels' directions alone and 12 with
+1,024 products (extraction lab). The products are quadratic forms of ``x̃``: smooth, so
+that an MLP copy learns them from a few thousand answers; on the lab, over 32 keys, a
+copy of 2,000 soft answers reaches a mean ``z`` of 4.5 (4.0 on ``x̃`` alone), and over 12
+keys 5.8 at 5,000 (5.0).
 
-Below ``k = 2π`` (less than one period over the phases' range) the mark is mostly a
-slope in ``⟨w, x̃⟩``, and a copy learns that slope: there the test is :func:`linear_z`,
-exact (N(0, 1) for any model that never saw the key, since ``w`` is a standard normal
-vector independent of it) and without random keys. Its evidence is bounded by the
-inputs' width: a perfect copy's ``z`` is at most about ``√d`` (8 on 64 pixels, p ≈ 1e-15);
-on the extraction lab an MLP copy of 2,000 to 5,000 soft answers reaches ``|z|`` ≈ 3
-(p ≈ 3e-3), where the periodogram gave 0.1. That test is exact where the periodogram's
-p-value, beyond its sample of random keys, is an extrapolated tail: hence the default
-``k = 4``, below 2π.
+From ``k = 2π`` on (the paper's 16) the test is the Lomb–Scargle power at ``k`` against
+the power at the other frequencies; its p-value compares that power to the same
+statistic for random phases, each made orthogonal (over the probes) to ours: real inputs
+lie near a low-dimensional manifold, so random projections of them are correlated, and
+an unadjusted random phase would carry part of the mark into the null. Its small
+p-values are an extrapolated tail. A fast signal is learned far less (on the lab, an MLP
+trained on 5,000 soft answers follows it with correlation 0.21 at k = 16, 0.73 at k = 4),
+but a perfect copy of a model of a few clusters is provable there.
 
 Cost to legitimate users: every probability moves by at most ``2ε / (1 + 2ε)`` (0.29 at
 ε = 0.2; the bound the tests hold), and the top label changes only where the top-1 margin
@@ -53,10 +56,11 @@ from .base import VerifyResult, Watermark
 from .projection import (
     answered,
     directions,
-    keyed_gaussian,
+    features,
     keyed_index,
     phase,
-    projections,
+    phase_direction,
+    scores,
     to_phase,
 )
 from .pvalues import normal_sf
@@ -110,34 +114,66 @@ def _centred(values: NDArray[np.float64], groups: NDArray[np.int64]) -> NDArray[
     return out
 
 
-def linear_z(x: NDArray[np.float64], p: Rows, target: int, w: NDArray[np.float64]) -> float:
-    """The exact test of the mark's slow part: ``z = ⟨b, w⟩ / |b|``, with ``b`` the ridge
-    regression of the target class's probability on the input directions ``x`` (both
-    centred within each top class, over the probes whose top class is another) and ``w``
-    the phase's keyed direction. ``w`` is standard normal and, for a model that never saw
-    the key, independent of ``b``: ``z`` is then exactly N(0, 1), whatever the inputs'
-    structure. At a low ``k`` the mark is close to linear in ``⟨w, x̃⟩`` over the inputs,
-    and a copy's ``b`` leans towards ``w``."""
-    keep, groups = _within_classes(p, target)
-    if keep.sum() <= x.shape[1] or not np.all(np.isfinite(p[keep, target])):
-        return 0.0
-    xs = _centred(x[keep], groups)
-    y = _centred(p[keep, target], groups)
+def ridge_solution(xs: NDArray[np.float64], y: NDArray[np.float64], ridge: float) -> Rows:
+    """``(XᵀX + λI)⁻¹ Xᵀ y`` with ``λ`` = ``ridge`` times the mean eigenvalue of ``XᵀX``;
+    through the ``n × n`` system ``X (XXᵀ + λI)⁻¹ y`` (the same vector) when there are
+    fewer rows than columns."""
+    n, dim = xs.shape
+    if n < dim:
+        gram = xs @ xs.T
+        lam = ridge * float(np.trace(gram)) / dim
+        out: Rows = xs.T @ np.linalg.solve(gram + lam * np.eye(n), y)
+        return out
     gram = xs.T @ xs
-    ridge = RIDGE * float(np.trace(gram)) / x.shape[1]
-    b = np.linalg.solve(gram + ridge * np.eye(x.shape[1]), xs.T @ y)
-    norm = float(np.linalg.norm(b))
-    return float(b @ w) / norm if norm > 0 else 0.0
+    lam = ridge * float(np.trace(gram)) / dim
+    out = np.linalg.solve(gram + lam * np.eye(dim), xs.T @ y)
+    return out
 
+
+def linear_z(
+    phi: NDArray[np.float64], p: Rows, target: int, w: NDArray[np.float64], ridge: float
+) -> float:
+    """The exact test of the mark's slow part: ``z = −⟨b, w⟩ / |b|``, with ``b`` the ridge
+    regression (relative ``ridge``) of the target class's probability on the input's
+    features ``phi`` (both centred within each top class, over the probes whose top class
+    is another) and ``w`` the phase's keyed direction. ``w`` is standard normal and, for a
+    model that never saw the key, independent of ``b`` (the features may be keyed too,
+    with other keyed draws): ``z`` is then exactly N(0, 1), whatever the inputs'
+    structure. Below ``k = 2π`` the mark ``ε(1 + cos(k·Φ(⟨w, φ⟩)))`` falls, over most of
+    the phases, as ``⟨w, φ⟩`` grows, and a copy's ``b`` leans towards ``−w``: ``z > 0``."""
+    keep, groups = _within_classes(p, target)
+    if keep.sum() <= 2 or not np.all(np.isfinite(p[keep, target])):
+        return 0.0
+    y = _centred(p[keep, target], groups)
+    b = ridge_solution(_centred(phi[keep], groups), y, ridge)
+    norm = float(np.linalg.norm(b))
+    return -float(b @ w) / norm if norm > 0 else 0.0
+
+
+FEATURES = 1024
+"""The default ``features`` below ``k = 2π`` (the exact test); from ``2π`` on the default
+is 0, the phase of the input's direction alone, which the periodogram reads better (a
+perfect copy of a few clusters: p < 1e-6 with it, 2e-4 with 1,024 products)."""
+
+MAX_FEATURES = 8192
+"""The largest ``features``: marking costs a ``d × 2·features`` product a row (and inputs
+with ``d × features`` above :data:`~.projection.PRODUCT_BUDGET` keep their direction
+alone)."""
 
 LINEAR_BELOW = 2.0 * np.pi
 """Below this ``k`` the mark is less than one period over the phases' range, mostly a
 slope in ``⟨w, x̃⟩``: DRW is then tested by :func:`linear_z` (exact), above it by the
 periodogram (calibrated against random keys)."""
 
-RIDGE = 0.3
-"""Ridge of :func:`linear_z`, relative to the mean eigenvalue of the directions' Gram
-matrix (key-independent; chosen on the extraction lab's digits, 0.01 to 3 all work)."""
+RIDGE_LINEAR = 0.3
+"""Ridge of :func:`linear_z` on the input directions alone (``features=0``), relative to
+the mean eigenvalue of their Gram matrix (key-independent; chosen on the extraction lab's
+digits, 0.01 to 3 all work)."""
+
+RIDGE_FEATURES = 10.0
+"""Ridge of :func:`linear_z` on :func:`~.projection.features` (chosen on the extraction
+lab's digits over 12 keys: a copy's mean ``z`` at 2,000 answers is 4.8 at 10, 4.6 at 3,
+3.2 at 0.3: the products' many weak directions are where a copy learned the mark least)."""
 
 
 def statistic(t: NDArray[np.float64], p: Rows, target: int, k: float) -> float:
@@ -153,9 +189,11 @@ def statistic(t: NDArray[np.float64], p: Rows, target: int, k: float) -> float:
 
 class DRW(Watermark):
     name = "drw"
-    params: ClassVar[dict[str, type]] = {"k": float, "eps": float, "nulls": int}
+    params: ClassVar[dict[str, type]] = {"k": float, "eps": float, "nulls": int, "features": int}
 
-    def __init__(self, k: float = 4.0, eps: float = 0.2, nulls: int = 200) -> None:
+    def __init__(
+        self, k: float = 3.0, eps: float = 0.2, nulls: int = 200, features: int | None = None
+    ) -> None:
         if not 1.0 <= k <= 1000.0:
             raise ValueError("drw: k (angular frequency) must be between 1 and 1000")
         if not 0.0 < eps <= 1.0:
@@ -164,7 +202,14 @@ class DRW(Watermark):
             raise ValueError(
                 "drw: nulls (random keys of the verifier's null) must be in [10, 100000]"
             )
-        self.k, self.eps, self.nulls = k, eps, nulls
+        if features is None:
+            features = FEATURES if k < LINEAR_BELOW else 0
+        if not 0 <= features <= MAX_FEATURES:
+            raise ValueError(
+                f"drw: features (keyed products of the phase's feature map; 0: the input's "
+                f"direction alone) must be an integer in [0, {MAX_FEATURES}]"
+            )
+        self.k, self.eps, self.nulls, self.features = k, eps, nulls, features
 
     # -- marking ------------------------------------------------------------------------------
 
@@ -177,7 +222,8 @@ class DRW(Watermark):
         if x is None:
             return False
         target = keyed_index(self.key, "target", p.shape[1])
-        outputs.probabilities = signal(p, phase(x, self.key), target, self.k, self.eps)
+        t = phase(x, self.key, self.features)
+        outputs.probabilities = signal(p, t, target, self.k, self.eps)
         return True
 
     # -- verification -------------------------------------------------------------------------
@@ -201,10 +247,11 @@ class DRW(Watermark):
         p = p.astype(np.float64)
         if self.k < LINEAR_BELOW:
             target = keyed_index(key, "target", p.shape[1])
-            z = linear_z(x, p, target, keyed_gaussian(key, "phase", (x.shape[1], 1))[:, 0])
-            p_value = min(1.0, 2.0 * normal_sf(abs(z)))
+            phi = features(x, key, self.features)
+            ridge = RIDGE_FEATURES if self.features else RIDGE_LINEAR
+            z = linear_z(phi, p, target, phase_direction(key, phi.shape[1]), ridge)
             return VerifyResult.decide(
-                self.name, abs(z), p_value, len(x), alpha, k=self.k, test="linear", z=z
+                self.name, z, normal_sf(z), len(x), alpha, k=self.k, test="linear", z=z
             )
 
         # The null keeps the target class and draws the phase from random keys: given the
@@ -212,7 +259,7 @@ class DRW(Watermark):
         # follow any keyed phase as ours, and the class's own structure stays the same.
         target = keyed_index(key, "target", p.shape[1])
 
-        z_true = projections(x, key, "phase", 1)[:, 0]
+        z_true = scores(x, key, self.features)
         unit = z_true / (np.linalg.norm(z_true) or 1.0)
 
         def of_key(k: bytes) -> float:
@@ -221,7 +268,7 @@ class DRW(Watermark):
             # A random phase, made orthogonal (over the probes) to ours: inputs from a
             # low-dimensional manifold make random projections correlated, and a phase
             # correlated with ours would carry part of the mark into the null.
-            z = projections(x, k, "phase", 1)[:, 0]
+            z = scores(x, k, self.features)
             norm = np.linalg.norm(z)
             z = z - (z @ unit) * unit
             z *= norm / (np.linalg.norm(z) or 1.0)

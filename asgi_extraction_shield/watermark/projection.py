@@ -7,12 +7,13 @@ bytes: each input becomes a direction ``x̃`` (numeric rows centred on their own
 scaled to unit norm, so brightness and contrast changes map alike; texts hashed into
 words and character 3-grams), and keyed Gaussian directions ``w`` project it:
 ``z = ⟨w, x̃⟩``, which is N(0, 1) over keys for any fixed input. DRW's phase is
-``Φ(z)``; DAWN's regions are cells of a keyed, offset grid over a few projections.
+``Φ(z)`` of a keyed feature map of ``x̃`` (:func:`features`), projected alike; DAWN's regions are cells of a keyed, offset grid over a few projections.
 Inputs that are neither numeric rows nor texts have no position (``None``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections import Counter
@@ -82,9 +83,87 @@ def projections(x: Matrix, key: bytes, label: str, m: int) -> Matrix:
     return out
 
 
-def phase(x: Matrix, key: bytes) -> NDArray[np.float64]:
-    """DRW's keyed phase ``t = Φ(⟨w, x̃⟩)`` in (0, 1) of each unit direction."""
-    return to_phase(projections(x, key, "phase", 1)[:, 0])
+QUADRATIC_SHARE = 0.85
+"""The share of :func:`features`' variance in their products of projections."""
+
+
+@functools.lru_cache(maxsize=32)
+def _keyed_matrix(key: bytes, label: str, shape: tuple[int, ...]) -> Matrix:
+    """:func:`keyed_gaussian`, computed once (read-only: callers share it)."""
+    out = keyed_gaussian(key, label, shape)
+    out.setflags(write=False)
+    return out
+
+
+PRODUCT_BUDGET = 1 << 20
+"""The largest ``d × width`` of :func:`features`' keyed pairs (16 MB of them): wider
+inputs keep their direction alone, which already spans ``d`` dimensions."""
+
+
+def product_width(d: int, width: int) -> int:
+    """The products :func:`features` makes for inputs of ``d`` numbers: ``width``, or 0
+    when ``d × width`` exceeds :data:`PRODUCT_BUDGET`."""
+    return width if d * width <= PRODUCT_BUDGET else 0
+
+
+@functools.lru_cache(maxsize=4)
+def _pairs(key: bytes, d: int, width: int) -> Matrix:
+    """The keyed ``a_j`` then ``b_j`` of :func:`features`, side by side (one product)."""
+    out = np.hstack(
+        [
+            keyed_gaussian(key, "features-a", (d, width)),
+            keyed_gaussian(key, "features-b", (d, width)),
+        ]
+    )
+    out.setflags(write=False)
+    return out
+
+
+def _products(x: Matrix, key: bytes, width: int) -> Matrix:
+    both = x @ _pairs(key, x.shape[1], width)
+    out: Matrix = both[:, :width] * both[:, width:] * math.sqrt(QUADRATIC_SHARE / width)
+    return out
+
+
+def features(x: Matrix, key: bytes, width: int) -> Matrix:
+    """A keyed feature map of unit directions ``x`` (``(n, d)``) of ``d + width`` columns:
+    ``[√(1 − s)·x̃, √s·((⟨a_j, x̃⟩⟨b_j, x̃⟩) / √width)_j]``, ``a_j, b_j`` keyed standard
+    normal, ``s`` = :data:`QUADRATIC_SHARE`; ``width`` 0 gives ``x̃`` itself. Each product
+    has variance 1 for a unit ``x̃``, so ``|φ(x̃)|² ≈ 1`` as ``|x̃|² = 1``: a keyed
+    projection ``⟨w, φ(x̃)⟩`` stays about N(0, 1) over keys for any input. The products are
+    a random projection of the quadratic forms of ``x̃``: smooth functions of the input, but
+    ``width`` dimensions more for a keyed direction to lie in. Inputs too wide for
+    :data:`PRODUCT_BUDGET` keep ``x̃`` alone (:func:`product_width`)."""
+    width = product_width(x.shape[1], width)
+    if width == 0:
+        return x
+    out: Matrix = np.hstack([math.sqrt(1.0 - QUADRATIC_SHARE) * x, _products(x, key, width)])
+    return out
+
+
+def phase_direction(key: bytes, dim: int) -> NDArray[np.float64]:
+    """DRW's keyed standard normal direction ``w`` in a space of ``dim`` features (for
+    ``dim = d``, the column of :func:`projections` with label ``"phase"``)."""
+    return _keyed_matrix(key, "phase", (dim, 1))[:, 0]
+
+
+def scores(x: Matrix, key: bytes, width: int) -> NDArray[np.float64]:
+    """``⟨w, φ(x̃)⟩`` for unit directions ``x``, ``φ`` = :func:`features` of ``width``
+    (without building ``φ``: the response path marks one row at a time)."""
+    d = x.shape[1]
+    width = product_width(d, width)
+    w = phase_direction(key, d + width)
+    if width == 0:
+        out: NDArray[np.float64] = x @ w
+        return out
+    out = math.sqrt(1.0 - QUADRATIC_SHARE) * (x @ w[:d]) + _products(x, key, width) @ w[d:]
+    return out
+
+
+def phase(x: Matrix, key: bytes, width: int = 0) -> NDArray[np.float64]:
+    """DRW's keyed phase ``t = Φ(⟨w, φ(x̃)⟩)`` in (0, 1) of each unit direction
+    (:func:`scores`; ``width`` 0: ``Φ(⟨w, x̃⟩)``)."""
+    return to_phase(scores(x, key, width))
 
 
 def to_phase(z: NDArray[np.float64]) -> NDArray[np.float64]:

@@ -63,7 +63,7 @@ SIGNIFICANCE = 1e-3
 class WatermarkConfig:
     name: str
     budgets: tuple[int, ...] = (1_000, 2_000, 5_000, 20_000)
-    watermark: str = "drw:k=4,dawn:rate=0.02"
+    watermark: str = "drw,dawn:rate=0.02"
     independent: int = 20
     drw_probes: int = 8_000
     drw_nulls: int = 200
@@ -73,7 +73,7 @@ class WatermarkConfig:
 
 def quick() -> WatermarkConfig:
     return WatermarkConfig(
-        name="quick", budgets=(300, 2_000), independent=2, drw_probes=300, drw_nulls=20
+        name="quick", budgets=(300, 2_000), independent=2, drw_probes=2_000, drw_nulls=20
     )
 
 
@@ -211,7 +211,7 @@ def run(
         )
     drw_records = [{"input": x} for x in owner_probes[: config.drw_probes]]
     # The verifiers look for the marks the shield made: the same parameters.
-    drw_spec = DRW(marked_by_drw.k, marked_by_drw.eps, nulls=config.drw_nulls)
+    drw_spec = DRW(marked_by_drw.k, marked_by_drw.eps, config.drw_nulls, marked_by_drw.features)
     dawn_spec = repr(dawn)
 
     def records_until(budget: int) -> list[dict[str, Any]]:
