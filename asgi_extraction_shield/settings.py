@@ -401,7 +401,7 @@ class ShieldSettings(BaseSettings):
     watermark: str = Field(
         "none",
         description="Watermarks applied to every answer after the perturbation chain, e.g. "
-        "'drw:k=16,eps=0.2' or 'dawn:rate=0.02'; 'none' marks nothing. "
+        "'drw:eps=0.1' or 'dawn:rate=0.02'; 'none' marks nothing. "
         "Verify a suspect with `extraction-shield verify`.",
     )
     watermark_records_path: str = Field(

@@ -31,7 +31,14 @@ from asgi_extraction_shield.verify import verify
 from asgi_extraction_shield.watermark import build_watermarks, parse_watermarks, watermark_key
 from asgi_extraction_shield.watermark.dawn import DAWN
 from asgi_extraction_shield.watermark.drw import DRW, signal
-from asgi_extraction_shield.watermark.projection import cells, directions, features, phase
+from asgi_extraction_shield.watermark.projection import (
+    cells,
+    directions,
+    features,
+    phase,
+    phase_direction,
+    scores,
+)
 from asgi_extraction_shield.watermark.pvalues import binomial_sf, keyed_choice_sf
 from asgi_extraction_shield.watermark.records import RecordStore
 from asgi_extraction_shield.watermark.stats import calibrated_tail, lomb_scargle
@@ -187,6 +194,17 @@ def test_drw_features_are_keyed_and_of_unit_norm() -> None:
     # Over keys, the phase's projection of one input is close to N(0, 1).
     z = [phase(x[:1], watermark_key(f"{SECRET}-{i}", "drw"), 1024)[0] for i in range(300)]
     assert stats.kstest(z, "uniform").pvalue > 0.01
+
+
+def test_drw_marks_with_the_quadratic_form_of_its_features() -> None:
+    """Marking computes ⟨w, φ(x̃)⟩ as √(1−s)·⟨w_d, x̃⟩ + x̃ᵀMx̃ (d² operations a row): the
+    same number as the verifier's explicit φ (to rounding), for every key and width."""
+    x = directions(np.random.default_rng(31).normal(0.0, 1.0, (200, 64)))
+    assert x is not None
+    for name, width in (("drw", 1024), ("other", 256), ("drw", 0)):
+        key = watermark_key(SECRET, name)
+        explicit = features(x, key, width) @ phase_direction(key, 64 + width)
+        np.testing.assert_allclose(scores(x, key, width), explicit, rtol=0, atol=1e-12)
 
 
 def test_drw_features_leave_wide_inputs_their_direction() -> None:

@@ -59,7 +59,7 @@ parameters as the processor of that name."""
 
 
 def parse_watermarks(spec: str) -> tuple[Watermark, ...]:
-    """The (unbound) watermarks of a ``WATERMARK`` spec, e.g. ``drw:k=16,eps=0.2,dawn``;
+    """The (unbound) watermarks of a ``WATERMARK`` spec, e.g. ``drw:eps=0.1,dawn``;
     ``none`` or ``""`` is none. Raises ``ValueError``."""
     return parse_chain(spec, WATERMARKS)
 

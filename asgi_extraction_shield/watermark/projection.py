@@ -147,16 +147,29 @@ def phase_direction(key: bytes, dim: int) -> NDArray[np.float64]:
     return _keyed_matrix(key, "phase", (dim, 1))[:, 0]
 
 
+@functools.lru_cache(maxsize=4)
+def _quadratic_form(key: bytes, d: int, width: int) -> Matrix:
+    """``M = √(s / width) · Σ_j w_j a_j b_jᵀ`` (``d × d``): the products' part of
+    ``⟨w, φ(x̃)⟩`` is the quadratic form ``x̃ᵀ M x̃``."""
+    pairs = _pairs(key, d, width)
+    w = phase_direction(key, d + width)[d:]
+    out: Matrix = (pairs[:, :width] * w) @ pairs[:, width:].T * math.sqrt(QUADRATIC_SHARE / width)
+    out.setflags(write=False)
+    return out
+
+
 def scores(x: Matrix, key: bytes, width: int) -> NDArray[np.float64]:
-    """``⟨w, φ(x̃)⟩`` for unit directions ``x``, ``φ`` = :func:`features` of ``width``
-    (without building ``φ``: the response path marks one row at a time)."""
+    """``⟨w, φ(x̃)⟩`` for unit directions ``x``, ``φ`` = :func:`features` of ``width``,
+    without building ``φ``: its products' part is a ``d × d`` quadratic form of ``x̃``
+    (:func:`_quadratic_form`), so marking a row costs ``d²`` operations, not ``2·d·width``."""
     d = x.shape[1]
     width = product_width(d, width)
     w = phase_direction(key, d + width)
     if width == 0:
         out: NDArray[np.float64] = x @ w
         return out
-    out = math.sqrt(1.0 - QUADRATIC_SHARE) * (x @ w[:d]) + _products(x, key, width) @ w[d:]
+    quadratic = np.einsum("ij,ij->i", x @ _quadratic_form(key, d, width), x)
+    out = math.sqrt(1.0 - QUADRATIC_SHARE) * (x @ w[:d]) + quadratic
     return out
 
 
@@ -168,8 +181,8 @@ def phase(x: Matrix, key: bytes, width: int = 0) -> NDArray[np.float64]:
 
 def to_phase(z: NDArray[np.float64]) -> NDArray[np.float64]:
     """``Φ(z)``, the standard normal distribution function."""
-    erf = np.vectorize(math.erf, otypes=[np.float64])
-    out: NDArray[np.float64] = 0.5 * (1.0 + erf(z / math.sqrt(2.0)))
+    erf = [math.erf(v) for v in (np.asarray(z, dtype=np.float64) / math.sqrt(2.0)).ravel().tolist()]
+    out: NDArray[np.float64] = 0.5 * (1.0 + np.asarray(erf, dtype=np.float64).reshape(np.shape(z)))
     return out
 
 
