@@ -111,6 +111,8 @@ SIGNALS = (
     "class_entropy",
     "distribution_requests",
     "logit_bias_tokens",
+    "output_coverage",
+    "output_entropy",
 )
 """The monitor's signals that have a rule (see monitor/tracker.py)."""
 
@@ -181,6 +183,18 @@ class MonitorSettings(BaseModel):
         "0.5:1.0:0.3", "Share of requests asking for full distributions or logprobs."
     )
     logit_bias_tokens: str = _rule("20:200", "Distinct token ids pushed with logit_bias.")
+    output_coverage: str = _rule(
+        "0.5:0.7:0",
+        "Distinct SimHash buckets per embedding an identity received (embedding endpoints: "
+        "coverage of the output space). Weight 0 by default: reported in events and "
+        "introspection, not scored, until you give it a weight (thresholds from your own "
+        "traffic: 'extraction-shield tune').",
+    )
+    output_entropy: str = _rule(
+        "0.85:0.95:0",
+        "Normalised entropy of the SimHash bucket histogram of the embeddings an identity "
+        "received. Weight 0 by default, as output_coverage.",
+    )
 
     @field_validator("pools", mode="before")
     @classmethod

@@ -459,6 +459,62 @@ async def test_answers_feed_the_low_margin_signal(clock: FakeClock) -> None:
     assert app.monitor.signals_of(key)["low_margin"] == 1.0
 
 
+@pytest.mark.anyio
+async def test_embedding_answers_feed_output_coverage(clock: FakeClock) -> None:
+    """An embedding endpoint's answers: their coverage of the output space is measured and
+    reported per identity; at its default weight (0) it adds nothing to the risk."""
+    rng = np.random.default_rng(25)
+    focused_space = rng.normal(size=(1, 48)) + 0.05 * rng.normal(size=(40, 48))  # one topic
+    spread_space = rng.normal(size=(400, 48))
+
+    async def embed(request: Request) -> JSONResponse:
+        doc = await request.json()
+        space = spread_space if doc["model"] == "spread" else focused_space
+        index = int(doc["input"].split()[-1]) % len(space)
+        vector = space[index].tolist()
+        return JSONResponse(
+            {
+                "object": "list",
+                "model": doc["model"],
+                "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+            }
+        )
+
+    inner = Starlette(routes=[Route("/v1/embeddings", embed, methods=["POST"])])
+    # Shadow mode: these made-up inputs look like an extraction to the input signals.
+    app: Any = shield(inner, clock, rate_limit="100000/minute", mode="shadow")
+    async with client(app) as c:
+        for i in range(120):
+            for who in ("spread", "focused"):  # one running mean of the answers, as in production
+                r = await c.post(
+                    "/v1/embeddings",
+                    json={"model": who, "input": f"document number {i}"},
+                    headers={"x-api-key": who},
+                )
+                assert r.status_code == 200
+    signals = {}
+    for who in ("spread", "focused"):
+        state = await app.inspect(who)
+        signals[who] = app.monitor.signals_of(state.identity)
+    assert signals["spread"]["output_coverage"] > 0.25
+    assert signals["focused"]["output_coverage"] < 0.1
+    assert signals["spread"]["output_entropy"] > signals["focused"]["output_entropy"] + 0.3
+    rules = ShieldSettings().monitor.rules()
+    assert risk_of(signals["spread"], {"output_coverage": rules["output_coverage"]}, 50)[0] == 0.0
+    scored = ShieldSettings(monitor={"output_coverage": "0.1:0.25"}).monitor.rules()
+    assert risk_of(signals["spread"], {"output_coverage": scored["output_coverage"]}, 50)[0] == 1.0
+
+
+def test_output_signals_appear_only_once_embeddings_were_seen() -> None:
+    tracker = Tracker(TrackerConfig(simhash_bits=6), 32, 0.0)
+    assert "output_coverage" not in tracker.signals()
+    tracker.observe_output_buckets([1, 1, 2, 3])
+    signals = tracker.signals()
+    assert signals["output_coverage"] == pytest.approx(3 / 4)
+    p = np.array([2, 1, 1]) / 4
+    assert signals["output_entropy"] == pytest.approx(-(p * np.log(p)).sum() / np.log(4))
+
+
 def test_memory_per_tracked_identity_is_small() -> None:
     import tracemalloc
 

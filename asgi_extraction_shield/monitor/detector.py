@@ -50,6 +50,8 @@ POOL_KINDS = ("net:", "cohort:", ALL)
 """How pool keys begin (identity keys never do: they begin with their source)."""
 POOL_SIGNALS = frozenset({"prada_w", "low_margin", "distribution_requests", "logit_bias_tokens"})
 """Signals that count for pools (see ``pool_rules``)."""
+NUMERIC, TEXT, OUTPUTS = 0, 1, 2
+"""What a running mean of features is of (see ``ExtractionMonitor._centre``)."""
 SETTLED = 256
 """Requests after which an identity is re-assessed ``SETTLED_SLOWER`` times less often:
 its signals are measured over windows of a few hundred queries and move slowly by then."""
@@ -90,8 +92,8 @@ class ExtractionMonitor:
         self.hyperplanes = rng.standard_normal((dim, self.config.simhash_bits))
         self._powers = 1 << np.arange(self.config.simhash_bits, dtype=np.int64)
         self._pool_nets: LRUCache[Any, str] = LRUCache(4096)
-        self._means = [np.zeros(dim), np.zeros(dim)]  # numeric, text
-        self._seen = [0, 0]
+        self._means = [np.zeros(dim), np.zeros(dim), np.zeros(dim)]  # NUMERIC, TEXT, OUTPUTS
+        self._seen = [0, 0, 0]
         self.rules = dict(rules)
         # A pool mixes clients who ask about different things: what it covers says nothing,
         # only how its queries are made (synthetic distances, boundary answers) does.
@@ -144,7 +146,11 @@ class ExtractionMonitor:
         now = self.clock()
         observation = self.observation(identity.key, request)
         rows = observation.rows
-        features = None if rows is None else rows - self._centre(rows, not observation.text)
+        features = (
+            None
+            if rows is None
+            else rows - self._centre(rows, TEXT if observation.text else NUMERIC)
+        )
         buckets = None if features is None else self.buckets(features)
         own = self._tracker(identity.key, now)
         route = own.route
@@ -204,12 +210,17 @@ class ExtractionMonitor:
         return built
 
     def observe_outputs(self, identity: Identity, outputs: Outputs) -> None:
-        """Answers (probability rows): margins and top-1 classes, for the identity and its pools."""
-        probabilities = outputs.probabilities
-        if probabilities is None or probabilities.shape[1] < 2:
-            return
+        """Answers: probability rows (margins and top-1 classes, for the identity and its
+        pools) and embeddings (their coverage of the output space, for the identity)."""
         tracker = self.identities.get(identity.key)
         if tracker is None:
+            return
+        embeddings = outputs.embeddings
+        if embeddings is not None and embeddings.ndim == 2 and len(embeddings):
+            unit = self.featurizer.embeddings(embeddings)
+            tracker.observe_output_buckets(self.buckets(unit - self._centre(unit, OUTPUTS)))
+        probabilities = outputs.probabilities
+        if probabilities is None or probabilities.shape[1] < 2:
             return
         keys = [identity.key]
         tracker.observe_answers(probabilities)
@@ -236,7 +247,9 @@ class ExtractionMonitor:
         rows = observation.rows
         # Centred on this process's mean, without moving it: each process's mean follows
         # the traffic it serves, and replayed rows are counted by the process that served them.
-        features = None if rows is None else rows - self._means[0 if not observation.text else 1]
+        features = (
+            None if rows is None else rows - self._means[TEXT if observation.text else NUMERIC]
+        )
         buckets = None if features is None else self.buckets(features)
         self._feed(tracker, observation, features, buckets, now)
         if pool is not None:
@@ -264,7 +277,11 @@ class ExtractionMonitor:
         """
         observation = self.observation("", request)
         rows = observation.rows
-        return None if rows is None else rows - self._centre(rows, not observation.text)
+        return (
+            None
+            if rows is None
+            else rows - self._centre(rows, TEXT if observation.text else NUMERIC)
+        )
 
     def observation(self, key: str, request: ParsedRequest) -> Observation:
         """What the trackers need of one request of identity ``key``: its queries'
@@ -284,10 +301,10 @@ class ExtractionMonitor:
             _digests(request, rows),
         )
 
-    def _centre(self, rows: Matrix, numeric: bool) -> Matrix:
-        """The running mean of numeric or text features (exact for the first 10,000 rows,
-        then a slow moving average), updated with ``rows``."""
-        index = 0 if numeric else 1
+    def _centre(self, rows: Matrix, index: int) -> Matrix:
+        """The running mean of numeric or text features, or of embedding outputs (``index``:
+        :data:`NUMERIC`, :data:`TEXT`, :data:`OUTPUTS`), exact for the first 10,000 rows,
+        then a slow moving average, updated with ``rows``."""
         count = self._seen[index]
         mean = self._means[index]
         for row in rows:

@@ -200,6 +200,8 @@ class Tracker:
         "_history",
         "_margins",
         "_near",
+        "_out_buckets",
+        "_out_entropy",
         "_pending_answer_rows",
         "_pending_answers",
         "_pending_flags",
@@ -236,6 +238,8 @@ class Tracker:
         self._buckets = _Ring(config.window, np.int32)
         self._digests = _Ring(config.repeats, np.int64)
         self._entropy: tuple[float, float] | None = None  # (coverage, entropy), cached
+        self._out_buckets = _Ring(config.window, np.int32)
+        self._out_entropy: tuple[float, float] | None = None
         self.novelty = 0.0
         self._near = _Share(config.window)
         self._margins = _Share(config.window)
@@ -311,6 +315,13 @@ class Tracker:
         self._pending_answer_rows += rows
         if self._pending_answer_rows >= BATCH:
             self._flush_answers()
+
+    def observe_output_buckets(self, buckets: list[int]) -> None:
+        """The SimHash buckets of the embeddings the identity received (its answers' coverage
+        of the output space, for embedding endpoints)."""
+        if buckets:
+            self._out_buckets.extend(buckets)
+            self._out_entropy = None
 
     def flush(self) -> None:
         """Fold the queued observations into the state."""
@@ -472,18 +483,16 @@ class Tracker:
         over the window (cached until the next query)."""
         self.flush()
         if self._entropy is None:
-            window = self._buckets.filled
-            if window == 0:
-                self._entropy = (0.0, 0.0)
-            else:
-                counts = np.unique(self._buckets.view(), return_counts=True)[1]
-                entropy = 0.0
-                if len(counts) > 1:
-                    p = counts / window
-                    top = math.log(min(window, 2**self.config.simhash_bits))
-                    entropy = float(-(p * np.log(p)).sum() / top)
-                self._entropy = (len(counts) / window, entropy)
+            self._entropy = _bucket_coverage(self._buckets.view(), self.config.simhash_bits)
         return self._entropy
+
+    def output_coverage(self) -> tuple[float, float] | None:
+        """:meth:`coverage` of the embeddings received, or ``None`` when none was."""
+        if not self._out_buckets.filled:
+            return None
+        if self._out_entropy is None:
+            self._out_entropy = _bucket_coverage(self._out_buckets.view(), self.config.simhash_bits)
+        return self._out_entropy
 
     def class_entropy(self) -> float:
         """Normalised entropy of the answers' top-1 classes over the window: extraction needs
@@ -514,7 +523,14 @@ class Tracker:
             "class_entropy": self.class_entropy(),
             "distribution_requests": self._flags.share,
             "logit_bias_tokens": float(len(self.logit_bias_tokens)),
+            **self._output_signals(),
         }
+
+    def _output_signals(self) -> dict[str, float]:
+        outputs = self.output_coverage()
+        if outputs is None:
+            return {}
+        return {"output_coverage": outputs[0], "output_entropy": outputs[1]}
 
 
 Summary = tuple[NDArray[Any], NDArray[Any], int]
@@ -538,6 +554,20 @@ def _summaries(pending: list[_Answers]) -> list[Summary]:
     if run:
         out.append(answer_summary(np.concatenate(run) if len(run) > 1 else run[0]))
     return out
+
+
+def _bucket_coverage(buckets: NDArray[Any], bits: int) -> tuple[float, float]:
+    """Distinct buckets per value and the histogram's entropy, normalised by the largest
+    it can be with that many values and ``2**bits`` buckets."""
+    window = len(buckets)
+    if window == 0:
+        return 0.0, 0.0
+    counts = np.unique(buckets, return_counts=True)[1]
+    entropy = 0.0
+    if len(counts) > 1:
+        p = counts / window
+        entropy = float(-(p * np.log(p)).sum() / math.log(min(window, 2**bits)))
+    return len(counts) / window, entropy
 
 
 def answer_summary(probabilities: Matrix) -> Summary:
