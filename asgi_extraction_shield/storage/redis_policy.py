@@ -23,6 +23,17 @@ most ``max_ttl`` seconds after its last update (with ``half_life`` 0, risk never
 ``normal`` anyway. An identity whose risk stays below ``watch`` writes nothing, as in
 memory.
 
+Counted by level, for the ``extraction_shield_identities`` gauge, without a scan: an
+identity's level at any later time, absent further updates, is already determined when its
+state is saved (its risk decays, a block ends on time, the thresholds' hysteresis is
+known), so the save also records, for each level ``L`` on the way down, the interval
+``[start, end)`` of Redis time during which the identity will be at ``L``: its score in
+the sorted sets ``{<prefix>}:levels:<L>:start`` and ``{<prefix>}:levels:<L>:end``. At time
+``t`` the identities at ``L`` are ``ZCOUNT(end, (t, +inf) − ZCOUNT(start, (t, +inf)``,
+exactly :meth:`~..policy.GradedPolicy.level_counts` (``LEVEL_COUNTS``, one script, on
+Redis's clock, shared by every worker). Members whose intervals are over are trimmed a few
+at a time by every update and by every count, so the sets follow the live identities.
+
 Calls go through the storage's timeout and circuit breaker, pipelined with its limiter
 calls. When Redis is unavailable the ``fallback`` policy (in this process) decides and
 the action is marked ``degraded``; without a fallback the
@@ -42,13 +53,14 @@ from ..errors import StorageError
 from ..identity import Identity
 from ..limiter import Clock, Decision, Limiter
 from ..monitor.base import Assessment
-from ..policy import LEVELS, NORMAL, Action, GradedPolicy, PolicyState, Thresholds
+from ..policy import LEVELS, NORMAL, Action, GradedPolicy, Level, PolicyState, Thresholds
 from .redis import GCRA_FUNCTION, RedisStorage, Script, decision_of
 
 _PRELUDE = """
 -- KEYS[1]: the identity's policy hash. ARGV[1]: now in seconds, or '' for the server's
 -- TIME; ARGV[2..5]: watch, degrade, throttle, block; ARGV[6]: hysteresis; ARGV[7]:
--- half-life (s); ARGV[8]: the longest a state is kept (s).
+-- half-life (s); ARGV[8]: the longest a state is kept (s); ARGV[9]: '{<prefix>}:levels',
+-- the base name of the sorted sets of levels.
 if redis.replicate_commands then redis.replicate_commands() end -- TIME before a write, Redis < 5
 local now = tonumber(ARGV[1])
 if ARGV[1] == '' then
@@ -59,6 +71,17 @@ local starts = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumbe
 local hysteresis = tonumber(ARGV[6])
 local half_life = tonumber(ARGV[7])
 local max_ttl = tonumber(ARGV[8])
+local levels = ARGV[9]
+local names = {'watch', 'degrade', 'throttle', 'block'}
+local starts_of, ends_of -- the sorted sets of each level (named when first needed)
+local function name_sets()
+  if starts_of then return end
+  starts_of, ends_of = {}, {}
+  for i = 1, 4 do
+    starts_of[i] = levels .. ':' .. names[i] .. ':start'
+    ends_of[i] = levels .. ':' .. names[i] .. ':end'
+  end
+end
 local function num(x) return string.format('%.17g', x) end
 local function decayed(risk, updated) -- GradedPolicy._decayed
   if half_life <= 0 or now <= updated then return risk end
@@ -71,7 +94,66 @@ local function level_of(risk, rank) -- Thresholds.level, levels as 0..4
   end
   return 0
 end
-local function save(risk, level, updated, blocked_until)
+-- GradedPolicy.level_counts ahead of time: the state (absent further updates) is at level i
+-- over [spans[i][1], spans[i][2]), kept as the member KEYS[1]'s scores in the sorted sets
+-- '<levels>:<name>:start' and ':end'. These are cross-identity keys, outside the identity's
+-- hash tag: the scripts that write them need one Redis, not a Cluster. 'above': the highest
+-- level the state's previous intervals may still hold after now (an interval over by now
+-- counts for no later time, and is trimmed: it needs no removal here).
+local function track(risk, level, updated, blocked_until, ttl, above)
+  local expiry = now + ttl / 1000
+  local function until_(i) -- the last time the risk is high enough for level_of >= i
+    local low = math.huge -- the least risk for which level_of(risk, level) >= i
+    for j = i, 4 do
+      local start = starts[j]
+      if j <= level then start = start - hysteresis end
+      low = math.min(low, start)
+    end
+    if low <= 0 then return math.huge end
+    if risk < low then return -math.huge end
+    if half_life <= 0 then return math.huge end
+    return updated + half_life * math.log(risk / low) / math.log(2)
+  end
+  local spans = {}
+  if blocked_until > now then spans[4] = {now, math.min(blocked_until, expiry)} end
+  local after_block = math.max(now, blocked_until)
+  for i = 1, 3 do -- a finished block steps down to throttle: level_of's 4 counts as 3
+    local first = after_block
+    if i < 3 then first = math.max(first, until_(i + 1)) end
+    local last = math.min(until_(i), expiry)
+    if last > first then spans[i] = {first, last} end
+  end
+  name_sets()
+  local added = false
+  for i = 1, 4 do
+    if spans[i] then
+      redis.call('ZADD', starts_of[i], num(spans[i][1]), KEYS[1])
+      redis.call('ZADD', ends_of[i], num(spans[i][2]), KEYS[1])
+      added = true
+    elseif i <= above then
+      redis.call('ZREM', starts_of[i], KEYS[1])
+      redis.call('ZREM', ends_of[i], KEYS[1])
+    end
+  end
+  -- The sets outlive every member (whose intervals end with its state, 'ttl' ms from now):
+  -- all eight expire together, extended to twice the need once the need passes their TTL.
+  if added and redis.call('PTTL', ends_of[1]) < ttl then
+    for i = 1, 4 do
+      redis.call('PEXPIRE', starts_of[i], 2 * ttl)
+      redis.call('PEXPIRE', ends_of[i], 2 * ttl)
+    end
+  end
+end
+-- Forget up to 'limit' members of level i whose interval is over.
+local function trim(i, limit)
+  name_sets()
+  local over = redis.call('ZRANGEBYSCORE', ends_of[i], '-inf', num(now), 'LIMIT', 0, limit)
+  if #over > 0 then
+    redis.call('ZREM', ends_of[i], unpack(over))
+    redis.call('ZREM', starts_of[i], unpack(over))
+  end
+end
+local function save(risk, level, updated, blocked_until, above)
   redis.call('HSET', KEYS[1], 'r', num(risk), 'l', level, 'u', num(updated),
     'b', num(blocked_until))
   -- Kept while it can matter: until the risk has decayed below where the lowest level is
@@ -83,7 +165,9 @@ local function save(risk, level, updated, blocked_until)
     if risk > floor then life = life + half_life * math.log(risk / floor) / math.log(2) end
   end
   life = math.max(math.min(life, max_ttl), blocked_until - now)
-  redis.call('PEXPIRE', KEYS[1], math.ceil(life * 1000) + 1000)
+  local ttl = math.ceil(life * 1000) + 1000
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  track(risk, level, updated, blocked_until, ttl, above) -- the state is gone then: normal
 end
 -- 'level blocked_until risk assessed_risk previous_level now' then a newline, the signals.
 local function reply(level, blocked_until, risk, assessed, previous, signals)
@@ -101,10 +185,11 @@ local function current()
   local risk, level, updated = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
   local blocked_until = tonumber(s[4])
   if blocked_until <= now and level ~= 0 then
+    local stored = level
     risk = decayed(risk, updated)
     level = level_of(risk, level)
     if level == 4 then level = 3 end -- a finished block steps down, it does not renew itself
-    save(risk, level, now, blocked_until)
+    save(risk, level, now, blocked_until, stored)
   end
   return reply(level, blocked_until, risk, s[5] or '0', level, s[6]), level, blocked_until
 end
@@ -118,24 +203,24 @@ ADMIT = Script(
     + GCRA_FUNCTION
     + """
 -- The policy's current action, then (unless it blocks) the limiter charged with the cost
--- the action asks for, in one round-trip. KEYS[2]: the identity's TAT. ARGV[9]: the
--- throttle multiplier; ARGV[10..12]: cost, emission interval (us), burst; ARGV[13]: '1'
+-- the action asks for, in one round-trip. KEYS[2]: the identity's TAT. ARGV[10]: the
+-- throttle multiplier; ARGV[11..13]: cost, emission interval (us), burst; ARGV[14]: '1'
 -- when a block refuses the request (MODE=enforce). Returns {policy reply, GCRA reply}.
 local policy, level, blocked_until = current()
-if blocked_until > now and ARGV[13] == '1' then return {policy, ''} end
-local cost = tonumber(ARGV[10])
-if level >= 3 then cost = math.ceil(cost * tonumber(ARGV[9])) end
-return {policy, gcra(KEYS[2], cost, tonumber(ARGV[11]), tonumber(ARGV[12]))}
+if blocked_until > now and ARGV[14] == '1' then return {policy, ''} end
+local cost = tonumber(ARGV[11])
+if level >= 3 then cost = math.ceil(cost * tonumber(ARGV[10])) end
+return {policy, gcra(KEYS[2], cost, tonumber(ARGV[12]), tonumber(ARGV[13]))}
 """
 )
 
 UPDATE = Script(
     _PRELUDE
     + """
--- GradedPolicy.update. ARGV[9]: block seconds; ARGV[10]: the new assessment's risk;
--- ARGV[11]: its signals (JSON).
-local block_seconds = tonumber(ARGV[9])
-local assessed = tonumber(ARGV[10])
+-- GradedPolicy.update. ARGV[10]: block seconds; ARGV[11]: the new assessment's risk;
+-- ARGV[12]: its signals (JSON).
+local block_seconds = tonumber(ARGV[10])
+local assessed = tonumber(ARGV[11])
 local s = redis.call('HMGET', KEYS[1], 'r', 'l', 'u', 'b')
 local risk, level, updated, blocked_until = 0, 0, now, 0
 if s[1] then
@@ -144,7 +229,13 @@ if s[1] then
 elseif assessed < starts[1] then
   return '' -- nothing to remember
 end
+-- An update adds at most one member to each level: trimming up to 8 finished ones of a
+-- level picked at random (the microseconds of now, a character of the identity's hash)
+-- keeps the sets to live members, a command per update.
+trim((math.floor(now * 1000000) + string.byte(KEYS[1], -9)) % 4 + 1, 8)
 local previous = level
+local above = level
+if blocked_until > now then above = 4 end
 risk = math.max(assessed, decayed(risk, updated))
 local new_level = level_of(risk, level)
 updated = now
@@ -157,9 +248,9 @@ if new_level == 4 and blocked_until <= now then
     new_level = 3 -- served its block: back to throttle until risk rises again
   end
 end
-save(risk, new_level, updated, blocked_until)
-redis.call('HSET', KEYS[1], 'a', ARGV[10], 's', ARGV[11])
-return reply(new_level, blocked_until, risk, ARGV[10], previous, '')
+save(risk, new_level, updated, blocked_until, above)
+redis.call('HSET', KEYS[1], 'a', ARGV[11], 's', ARGV[12])
+return reply(new_level, blocked_until, risk, ARGV[11], previous, '')
 """
 )
 
@@ -173,6 +264,39 @@ return reply(level, tonumber(s[4]), decayed(tonumber(s[1]), tonumber(s[3])), s[5
   s[6])
 """
 )
+
+LIFT = Script(
+    _PRELUDE
+    + """
+-- Forget the state, and its place in the sets of levels. Returns 1 if there was one.
+name_sets()
+for i = 1, 4 do
+  redis.call('ZREM', starts_of[i], KEYS[1])
+  redis.call('ZREM', ends_of[i], KEYS[1])
+end
+return redis.call('DEL', KEYS[1])
+"""
+)
+
+LEVEL_COUNTS = Script(
+    _PRELUDE
+    + """
+-- The identities at watch, degrade, throttle and block now (no KEYS: the sets are
+-- '<levels>:<name>:start|end'), after trimming up to ARGV[10] finished members per level.
+for i = 1, 4 do trim(i, tonumber(ARGV[10])) end
+local counts = {}
+local after = '(' .. num(now)
+name_sets()
+for i = 1, 4 do
+  counts[i] = redis.call('ZCOUNT', ends_of[i], after, '+inf')
+    - redis.call('ZCOUNT', starts_of[i], after, '+inf')
+end
+return table.concat(counts, ' ')
+"""
+)
+
+TRIM_PER_COUNT = 1000
+"""Most finished members a count forgets per level (the rest, at the next count)."""
 
 
 class RedisPolicy:
@@ -210,7 +334,9 @@ class RedisPolicy:
             thresholds.hysteresis,
             half_life,
             self.max_ttl,
+            f"{{{storage.prefix}}}:levels",
         )
+        self._level_counts: dict[Level, int] = dict.fromkeys(LEVELS[1:], 0)
 
     def key(self, identity: str) -> str:
         """The Redis key of ``identity``'s policy state (hash-tagged like its bucket)."""
@@ -332,5 +458,23 @@ class RedisPolicy:
         )
 
     async def lift(self, key: str) -> bool:
-        deleted = await self.storage.guarded(lambda: self.storage.client.delete(self.key(key)))
+        deleted = await self.storage.call(LIFT, (self.key(key),), (self._now(), *self._argv))
         return bool(deleted)
+
+    async def refresh_level_counts(self) -> dict[Level, int]:
+        """Counts the identities at each level above ``normal`` now, as every worker sees
+        them (one script, O(log n) per level, plus the trimming of finished members);
+        :meth:`level_counts` returns them until the next refresh. Raises
+        :class:`~..errors.StorageError` when Redis is unavailable (the counts stay)."""
+        reply = await self.storage.call(
+            LEVEL_COUNTS, (), (self._now(), *self._argv, TRIM_PER_COUNT)
+        )
+        counts = [int(n) for n in reply.split()]
+        self._level_counts = dict(zip(LEVELS[1:], counts, strict=True))
+        return dict(self._level_counts)
+
+    def level_counts(self) -> dict[Level, int]:
+        """The counts of the last :meth:`refresh_level_counts` (zeros before the first), as
+        :meth:`GradedPolicy.level_counts <..policy.GradedPolicy.level_counts>` says them:
+        prometheus-client collects synchronously, the refresh is a Redis round-trip."""
+        return dict(self._level_counts)
