@@ -109,8 +109,7 @@ async def counts(url: str, sizes: list[int], repeats: int, seed: int) -> list[di
                 raise RuntimeError(f"counts disagree: {got} vs {expected}")
         memory_bytes = 0
         for level in LEVELS[1:]:
-            for side in ("start", "end"):
-                memory_bytes += await raw.memory_usage(f"{{cnt}}:levels:{level}:{side}") or 0
+            memory_bytes += await raw.memory_usage(f"{{cnt}}:levels:{level}") or 0
         rows.append(
             {
                 "identities": n,

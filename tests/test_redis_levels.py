@@ -78,20 +78,16 @@ async def test_sets_follow_the_state_lift_and_expiry(redis_server: RedisServer, 
     await policy.update(who, Assessment(0.95))
     member = policy.key(who.key).encode()
     # Blocked for 60 s, then throttle until 0.95 * 0.5^(t/100) < 0.6, degrade until < 0.4,
-    # watch until < 0.2: the intervals the scores hold.
+    # watch until < 0.2: until when it is at each level or above.
     start = clock()
-    block = start + 60.0
-    ends = {name: block + 100 * math.log2(0.95 / low) for name, low in
+    ends = {name: start + 60 + 100 * math.log2(0.95 / low) for name, low in
             (("throttle", 0.6), ("degrade", 0.4), ("watch", 0.2))}  # fmt: skip
-    assert await raw.zscore("{p}:levels:block:start", member) == pytest.approx(start)
-    assert await raw.zscore("{p}:levels:block:end", member) == pytest.approx(block)
-    assert await raw.zscore("{p}:levels:throttle:start", member) == pytest.approx(block)
+    ends["block"] = start + 60
     for name, end in ends.items():
-        assert await raw.zscore(f"{{p}}:levels:{name}:end", member) == pytest.approx(end)
-    assert await raw.zscore("{p}:levels:watch:start", member) == pytest.approx(ends["degrade"])
+        assert await raw.zscore(f"{{p}}:levels:{name}", member) == pytest.approx(end)
     # The sets outlive their members (by up to as long again).
     ttl = await raw.pttl(member)
-    assert ttl - 50 <= await raw.pttl("{p}:levels:block:start") <= 2 * ttl + 50
+    assert ttl - 50 <= await raw.pttl("{p}:levels:block") <= 2 * ttl + 50
     clock.advance(ends["degrade"] - start - 1.0)
     assert await policy.refresh_level_counts() == {
         "watch": 0,
@@ -100,11 +96,19 @@ async def test_sets_follow_the_state_lift_and_expiry(redis_server: RedisServer, 
         "block": 0,
     }
     # Finished levels are trimmed by the count; a lift removes the rest.
-    assert await raw.exists("{p}:levels:block:end", "{p}:levels:throttle:start") == 0
-    assert await raw.zcard("{p}:levels:watch:start") == 1
+    assert await raw.exists("{p}:levels:block", "{p}:levels:throttle") == 0
+    assert await raw.zcard("{p}:levels:watch") == 1
     assert await policy.lift(who.key)
     assert [k async for k in raw.scan_iter("{p}:levels:*")] == []
     assert (await policy.refresh_level_counts())["degrade"] == 0
+    # Updates alone (nobody counting) trim finished members too: the sets stay bounded.
+    for i in range(20):
+        await policy.update(Identity(f"header:old{i}", "header"), Assessment(0.35))
+    clock.advance(10_000.0)
+    for i in range(20):
+        await policy.update(Identity(f"header:new{i}", "header"), Assessment(0.35))
+    assert await raw.zcard("{p}:levels:watch") == 20
+    assert await raw.zscore("{p}:levels:watch", b"{p:header:old3}:policy") is None
     # Without decay a level lasts as long as its state is kept (max_ttl), not longer.
     kept = RedisPolicy(storage, half_life=0.0, max_ttl=100.0, block_seconds=60.0, clock=clock)
     await kept.update(who, Assessment(0.55))

@@ -25,14 +25,15 @@ memory.
 
 Counted by level, for the ``extraction_shield_identities`` gauge, without a scan: an
 identity's level at any later time, absent further updates, is already determined when its
-state is saved (its risk decays, a block ends on time, the thresholds' hysteresis is
-known), so the save also records, for each level ``L`` on the way down, the interval
-``[start, end)`` of Redis time during which the identity will be at ``L``: its score in
-the sorted sets ``{<prefix>}:levels:<L>:start`` and ``{<prefix>}:levels:<L>:end``. At time
-``t`` the identities at ``L`` are ``ZCOUNT(end, (t, +inf) − ZCOUNT(start, (t, +inf)``,
-exactly :meth:`~..policy.GradedPolicy.level_counts` (``LEVEL_COUNTS``, one script, on
-Redis's clock, shared by every worker). Members whose intervals are over are trimmed a few
-at a time by every update and by every count, so the sets follow the live identities.
+state is saved (a block ends on time, then the risk decays, and the thresholds' hysteresis
+is known), and it only goes down. So the save also records, for each level ``L``, until
+when the identity will be at ``L`` or above: its score in the sorted set
+``{<prefix>}:levels:<L>``. At time ``t`` the identities at ``L`` or above are
+``ZCOUNT({<prefix>}:levels:<L>, (t, +inf)``, and those at ``L`` the difference with the
+level above: exactly :meth:`~..policy.GradedPolicy.level_counts` (``LEVEL_COUNTS``, one
+script on Redis's clock, shared by every worker). Members whose time is over are trimmed a
+few at a time by every update and by every count, so the sets follow the live identities;
+they expire together, at most twice the longest state's life after the last write.
 
 Calls go through the storage's timeout and circuit breaker, pipelined with its limiter
 calls. When Redis is unavailable the ``fallback`` policy (in this process) decides and
@@ -73,14 +74,11 @@ local half_life = tonumber(ARGV[7])
 local max_ttl = tonumber(ARGV[8])
 local levels = ARGV[9]
 local names = {'watch', 'degrade', 'throttle', 'block'}
-local starts_of, ends_of -- the sorted sets of each level (named when first needed)
+local sets -- the sorted set of each level, named when first needed
 local function name_sets()
-  if starts_of then return end
-  starts_of, ends_of = {}, {}
-  for i = 1, 4 do
-    starts_of[i] = levels .. ':' .. names[i] .. ':start'
-    ends_of[i] = levels .. ':' .. names[i] .. ':end'
-  end
+  if sets then return end
+  sets = {}
+  for i = 1, 4 do sets[i] = levels .. ':' .. names[i] end
 end
 local function num(x) return string.format('%.17g', x) end
 local function decayed(risk, updated) -- GradedPolicy._decayed
@@ -94,64 +92,60 @@ local function level_of(risk, rank) -- Thresholds.level, levels as 0..4
   end
   return 0
 end
--- GradedPolicy.level_counts ahead of time: the state (absent further updates) is at level i
--- over [spans[i][1], spans[i][2]), kept as the member KEYS[1]'s scores in the sorted sets
--- '<levels>:<name>:start' and ':end'. These are cross-identity keys, outside the identity's
--- hash tag: the scripts that write them need one Redis, not a Cluster. 'above': the highest
--- level the state's previous intervals may still hold after now (an interval over by now
+-- GradedPolicy.level_counts ahead of time. Levels only go down until the next update (the
+-- block ends, then the risk decays), so the state is at level i or above from now until a
+-- time E_i, and no more after it: E_i is the member KEYS[1]'s score in the sorted set
+-- '<levels>:<name of i>', and at any later time t the identities at level i or above are
+-- ZCOUNT(set i, (t, +inf)). These are cross-identity keys, outside the identity's hash
+-- tag: the scripts that write them need one Redis, not a Cluster. 'above': the highest
+-- level the state's previous scores may still hold after now (a score passed by now
 -- counts for no later time, and is trimmed: it needs no removal here).
 local function track(risk, level, updated, blocked_until, ttl, above)
-  local expiry = now + ttl / 1000
-  local function until_(i) -- the last time the risk is high enough for level_of >= i
-    local low = math.huge -- the least risk for which level_of(risk, level) >= i
-    for j = i, 4 do
-      local start = starts[j]
-      if j <= level then start = start - hysteresis end
-      low = math.min(low, start)
-    end
-    if low <= 0 then return math.huge end
-    if risk < low then return -math.huge end
-    if half_life <= 0 then return math.huge end
-    return updated + half_life * math.log(risk / low) / math.log(2)
-  end
-  local spans = {}
-  if blocked_until > now then spans[4] = {now, math.min(blocked_until, expiry)} end
-  local after_block = math.max(now, blocked_until)
-  for i = 1, 3 do -- a finished block steps down to throttle: level_of's 4 counts as 3
-    local first = after_block
-    if i < 3 then first = math.max(first, until_(i + 1)) end
-    local last = math.min(until_(i), expiry)
-    if last > first then spans[i] = {first, last} end
-  end
+  local expiry = now + ttl / 1000 -- the state is gone then: normal
+  local blocked = -math.huge
+  if blocked_until > now then blocked = blocked_until end
   name_sets()
   local added = false
-  for i = 1, 4 do
-    if spans[i] then
-      redis.call('ZADD', starts_of[i], num(spans[i][1]), KEYS[1])
-      redis.call('ZADD', ends_of[i], num(spans[i][2]), KEYS[1])
+  for i = 4, 1, -1 do
+    local last = blocked -- level 4 while blocked, and only then
+    if i < 4 then
+      -- After the block, level_of(risk, level) >= i while the risk is >= the least
+      -- threshold, hysteresis applied, of level i or any above it (a finished block counts
+      -- as throttle: level_of's 4 is 3).
+      local low = math.huge
+      for j = i, 4 do
+        local start = starts[j]
+        if j <= level then start = start - hysteresis end
+        low = math.min(low, start)
+      end
+      local decays = -math.huge -- the last time the risk is >= low
+      if low <= 0 or (risk >= low and half_life <= 0) then
+        decays = math.huge
+      elseif risk >= low then
+        decays = updated + half_life * math.log(risk / low) / math.log(2)
+      end
+      last = math.max(last, decays)
+    end
+    last = math.min(last, expiry)
+    if last > now then
+      redis.call('ZADD', sets[i], num(last), KEYS[1])
       added = true
     elseif i <= above then
-      redis.call('ZREM', starts_of[i], KEYS[1])
-      redis.call('ZREM', ends_of[i], KEYS[1])
+      redis.call('ZREM', sets[i], KEYS[1])
     end
   end
-  -- The sets outlive every member (whose intervals end with its state, 'ttl' ms from now):
-  -- all eight expire together, extended to twice the need once the need passes their TTL.
-  if added and redis.call('PTTL', ends_of[1]) < ttl then
-    for i = 1, 4 do
-      redis.call('PEXPIRE', starts_of[i], 2 * ttl)
-      redis.call('PEXPIRE', ends_of[i], 2 * ttl)
-    end
+  -- The sets outlive every member (whose scores end with its state, 'ttl' ms from now, and
+  -- whose score at watch is its greatest): the four expire together, extended to twice the
+  -- need once the need passes their TTL.
+  if added and redis.call('PTTL', sets[1]) < ttl then
+    for i = 1, 4 do redis.call('PEXPIRE', sets[i], 2 * ttl) end
   end
 end
--- Forget up to 'limit' members of level i whose interval is over.
+-- Forget up to 'limit' members of level i whose time there is over (the lowest scores).
 local function trim(i, limit)
   name_sets()
-  local over = redis.call('ZRANGEBYSCORE', ends_of[i], '-inf', num(now), 'LIMIT', 0, limit)
-  if #over > 0 then
-    redis.call('ZREM', ends_of[i], unpack(over))
-    redis.call('ZREM', starts_of[i], unpack(over))
-  end
+  local over = redis.call('ZCOUNT', sets[i], '-inf', num(now))
+  if over > 0 then redis.call('ZREMRANGEBYRANK', sets[i], 0, math.min(over, limit) - 1) end
 end
 local function save(risk, level, updated, blocked_until, above)
   redis.call('HSET', KEYS[1], 'r', num(risk), 'l', level, 'u', num(updated),
@@ -270,10 +264,7 @@ LIFT = Script(
     + """
 -- Forget the state, and its place in the sets of levels. Returns 1 if there was one.
 name_sets()
-for i = 1, 4 do
-  redis.call('ZREM', starts_of[i], KEYS[1])
-  redis.call('ZREM', ends_of[i], KEYS[1])
-end
+for i = 1, 4 do redis.call('ZREM', sets[i], KEYS[1]) end
 return redis.call('DEL', KEYS[1])
 """
 )
@@ -282,15 +273,13 @@ LEVEL_COUNTS = Script(
     _PRELUDE
     + """
 -- The identities at watch, degrade, throttle and block now (no KEYS: the sets are
--- '<levels>:<name>:start|end'), after trimming up to ARGV[10] finished members per level.
+-- '<levels>:<name>'), after trimming up to ARGV[10] finished members per level.
 for i = 1, 4 do trim(i, tonumber(ARGV[10])) end
-local counts = {}
+local counts, at_least = {}, {}
 local after = '(' .. num(now)
-name_sets()
-for i = 1, 4 do
-  counts[i] = redis.call('ZCOUNT', ends_of[i], after, '+inf')
-    - redis.call('ZCOUNT', starts_of[i], after, '+inf')
-end
+for i = 1, 4 do at_least[i] = redis.call('ZCOUNT', sets[i], after, '+inf') end
+at_least[5] = 0
+for i = 1, 4 do counts[i] = at_least[i] - at_least[i + 1] end
 return table.concat(counts, ' ')
 """
 )
