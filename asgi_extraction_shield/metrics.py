@@ -14,7 +14,7 @@ name                                        type      what
 ``extraction_shield_requests_total``        counter   protected requests examined, by ``route``, ``format``
 ``extraction_shield_decisions_total``       counter   by ``outcome``: allowed, rate_limited, blocked, refused
 ``extraction_shield_unparsed_total``        counter   bodies the format could not parse, by ``route``
-``extraction_shield_identities``            gauge     identities at each ``level`` above normal (at scrape time)
+``extraction_shield_identities``            gauge     identities at each ``level`` above normal (at scrape time; on Redis, every worker's)
 ``extraction_shield_risk``                  histogram the monitor's risk of each assessed request
 ``extraction_shield_postprocess_seconds``   histogram time spent rewriting one response
 ``extraction_shield_storage_errors_total``  counter   storage failures (and decisions taken by the fallback)
@@ -151,7 +151,10 @@ class LevelRefresher:
         if self.clock() - self._last < self.interval or self._task is not None:
             return
         self._last = self.clock()
-        self._task = asyncio.get_running_loop().create_task(self.refresh())
+        try:
+            self._task = asyncio.get_running_loop().create_task(self.refresh())
+        except RuntimeError:  # not on asyncio (the scrape's own refresh still runs)
+            return
         self._task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
