@@ -2,7 +2,9 @@
 
 1. Updates. Redis's own time per policy update (``INFO commandstats``: the ``EVALSHA``
    and every command inside it), with the sets of levels kept, against the same script
-   without them (``track`` and ``trim`` removed), over the same random updates.
+   without them (``track`` and ``trim`` removed), over the same random updates; and the
+   same for the admission script (``current`` and the limiter's charge) of identities
+   held above normal, whose ``current`` saves their decayed state at every request.
 2. Counts. ``RedisPolicy.refresh_level_counts`` (one script on Redis's clock, every
    worker's identities) at ``n`` identities held, against ``GradedPolicy.level_counts``
    (one process's identities, a scan), and the sets' memory per identity
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from asgi_extraction_shield.identity import Identity
+from asgi_extraction_shield.limiter import Limiter, Rate
 from asgi_extraction_shield.monitor import Assessment
 from asgi_extraction_shield.policy import LEVELS, GradedPolicy
 from asgi_extraction_shield.storage import RedisStorage, redis_policy
@@ -40,6 +43,8 @@ _TRIM = "trim((math.floor(now * 1000000) + string.byte(KEYS[1], -9)) % 4 + 1, 8)
 assert redis_policy.UPDATE.body.count(_TRACK) == redis_policy.UPDATE.body.count(_TRIM) == 1
 UNTRACKED = Script(redis_policy.UPDATE.body.replace(_TRACK, "  --").replace(_TRIM, ""))
 """The update script without the sets of levels."""
+UNTRACKED_ADMIT = Script(redis_policy.ADMIT.body.replace(_TRACK, "  --"))
+"""The admission script (``current`` and the charge) without the sets of levels."""
 
 
 async def script_usec(raw: Any) -> float:
@@ -77,6 +82,34 @@ async def updates(url: str, n: int, seed: int) -> dict[str, float]:
         finally:
             redis_policy.UPDATE = saved
         await storage.close()
+    await raw.aclose()
+    return usec
+
+
+async def admits(url: str, n: int, seed: int) -> dict[str, float]:
+    """Redis µs per admission of an identity held above normal, whose ``current`` saves
+    its decayed state (and, tracked, its new scores) at every request."""
+    import redis.asyncio
+
+    raw = redis.asyncio.Redis.from_url(url)
+    storage = RedisStorage(url, prefix="admit", timeout=5.0)
+    policy = RedisPolicy(storage)
+    limiter = Limiter(storage, Rate.parse("1000000/second"), burst=10**9)
+    held = min(n, 1000)
+    await fill(policy, GradedPolicy(), held, seed)
+    who = [Identity(f"ip:{i}", "ip") for i in range(held)]
+    usec: dict[str, float] = {}
+    for name, script in (("tracked", redis_policy.ADMIT), ("untracked", UNTRACKED_ADMIT)):
+        saved, redis_policy.ADMIT = redis_policy.ADMIT, script
+        try:
+            await raw.config_resetstat()
+            for start in range(0, n, 50):
+                batch = [who[i % held] for i in range(start, min(n, start + 50))]
+                await asyncio.gather(*(policy.admit(w, 1, limiter, True) for w in batch))
+            usec[name] = await script_usec(raw) / n
+        finally:
+            redis_policy.ADMIT = saved
+    await storage.close()
     await raw.aclose()
     return usec
 
@@ -141,20 +174,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             url = stack.enter_context(RedisServer()).url
         per_update = asyncio.run(updates(url, args.updates, 1))
+        per_admit = asyncio.run(admits(url, args.updates, 3))
         rows = asyncio.run(counts(url, sizes, args.repeats, 2))
     result: dict[str, Any] = {
         "update_server_us": per_update,
         "ratio_tracked_to_untracked": per_update["tracked"] / per_update["untracked"],
+        "admit_held_server_us": per_admit,
         "counts": rows,
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return result
-    print("| policy update on Redis | Redis µs per update |")
+    print("| policy script on Redis | Redis µs per call |")
     print("|---|---:|")
-    print(f"| with the sets of levels | {per_update['tracked']:.1f} |")
+    print(f"| update, with the sets of levels | {per_update['tracked']:.1f} |")
     print(f"| without | {per_update['untracked']:.1f} |")
-    print(f"\ntracked / untracked = {result['ratio_tracked_to_untracked']:.2f}\n")
+    print(
+        f"| admission of an identity held above normal, with the sets | "
+        f"{per_admit['tracked']:.1f} |"
+    )
+    print(f"| without | {per_admit['untracked']:.1f} |")
+    admit_ratio = per_admit["tracked"] / per_admit["untracked"]
+    print(
+        f"\nwith / without: updates {result['ratio_tracked_to_untracked']:.2f}, "
+        f"admissions {admit_ratio:.2f}\n"
+    )
     print(
         "| identities | Redis count: server µs | Redis count: wall µs | "
         "GradedPolicy scan µs | scan / Redis wall | set bytes per identity |"
