@@ -38,12 +38,12 @@ from asgi_extraction_shield.storage import RedisStorage, redis_policy
 from asgi_extraction_shield.storage.redis import Script
 from asgi_extraction_shield.storage.redis_policy import RedisPolicy
 
-_TRACK = "  track(risk, level, updated, blocked_until, ttl, above) --"
+_TRACK = "    track(risk, level, updated, blocked_until, ttl, above) --"
 _TRIM = "trim((math.floor(now * 1000000) + string.byte(KEYS[1], -9)) % 4 + 1, 8)"
 assert redis_policy.UPDATE.body.count(_TRACK) == redis_policy.UPDATE.body.count(_TRIM) == 1
-UNTRACKED = Script(redis_policy.UPDATE.body.replace(_TRACK, "  --").replace(_TRIM, ""))
+UNTRACKED = Script(redis_policy.UPDATE.body.replace(_TRACK, "    --").replace(_TRIM, ""))
 """The update script without the sets of levels."""
-UNTRACKED_ADMIT = Script(redis_policy.ADMIT.body.replace(_TRACK, "  --"))
+UNTRACKED_ADMIT = Script(redis_policy.ADMIT.body.replace(_TRACK, "    --"))
 """The admission script (``current`` and the charge) without the sets of levels."""
 
 

@@ -116,6 +116,14 @@ async def test_sets_follow_the_state_lift_and_expiry(redis_server: RedisServer, 
     assert (await kept.refresh_level_counts())["degrade"] == 1
     clock.advance(1.0)  # 100 s and the 1 s of slack the state's TTL has
     assert (await kept.refresh_level_counts())["degrade"] == 0
+    # A read that keeps such a state longer (its TTL starts again) keeps its level longer.
+    await kept.update(who, Assessment(0.55))
+    clock.advance(50.0)
+    assert (await kept.current(who)).level == "degrade"
+    clock.advance(100.5)
+    assert (await kept.refresh_level_counts())["degrade"] == 1
+    clock.advance(1.0)
+    assert (await kept.refresh_level_counts())["degrade"] == 0
     await storage.close()
 
 

@@ -147,7 +147,9 @@ local function trim(i, limit)
   local over = redis.call('ZCOUNT', sets[i], '-inf', num(now))
   if over > 0 then redis.call('ZREMRANGEBYRANK', sets[i], 0, math.min(over, limit) - 1) end
 end
-local function save(risk, level, updated, blocked_until, above)
+-- 'decayed': the state is the stored one decayed to now (current), whose scores stand, unless
+-- 'max_ttl' cut its life short (the new TTL then ends its levels later).
+local function save(risk, level, updated, blocked_until, above, decayed_only)
   redis.call('HSET', KEYS[1], 'r', num(risk), 'l', level, 'u', num(updated),
     'b', num(blocked_until))
   -- Kept while it can matter: until the risk has decayed below where the lowest level is
@@ -158,10 +160,13 @@ local function save(risk, level, updated, blocked_until, above)
     life = math.max(0, updated - now)
     if risk > floor then life = life + half_life * math.log(risk / floor) / math.log(2) end
   end
+  local cut = life >= max_ttl
   life = math.max(math.min(life, max_ttl), blocked_until - now)
   local ttl = math.ceil(life * 1000) + 1000
   redis.call('PEXPIRE', KEYS[1], ttl)
-  track(risk, level, updated, blocked_until, ttl, above) -- the state is gone then: normal
+  if cut or not decayed_only then
+    track(risk, level, updated, blocked_until, ttl, above) -- the state is gone then: normal
+  end
 end
 -- 'level blocked_until risk assessed_risk previous_level now' then a newline, the signals.
 local function reply(level, blocked_until, risk, assessed, previous, signals)
@@ -183,7 +188,7 @@ local function current()
     risk = decayed(risk, updated)
     level = level_of(risk, level)
     if level == 4 then level = 3 end -- a finished block steps down, it does not renew itself
-    save(risk, level, now, blocked_until, stored)
+    save(risk, level, now, blocked_until, stored, true)
   end
   return reply(level, blocked_until, risk, s[5] or '0', level, s[6]), level, blocked_until
 end
@@ -242,7 +247,7 @@ if new_level == 4 and blocked_until <= now then
     new_level = 3 -- served its block: back to throttle until risk rises again
   end
 end
-save(risk, new_level, updated, blocked_until, above)
+save(risk, new_level, updated, blocked_until, above, false)
 redis.call('HSET', KEYS[1], 'a', ARGV[11], 's', ARGV[12])
 return reply(new_level, blocked_until, risk, ARGV[11], previous, '')
 """
