@@ -14,26 +14,37 @@ name                                        type      what
 ``extraction_shield_requests_total``        counter   protected requests examined, by ``route``, ``format``
 ``extraction_shield_decisions_total``       counter   by ``outcome``: allowed, rate_limited, blocked, refused
 ``extraction_shield_unparsed_total``        counter   bodies the format could not parse, by ``route``
-``extraction_shield_identities``            gauge     identities at each ``level`` above normal (at scrape time)
+``extraction_shield_identities``            gauge     identities at each ``level`` above normal (at scrape time; on Redis, every worker's)
 ``extraction_shield_risk``                  histogram the monitor's risk of each assessed request
 ``extraction_shield_postprocess_seconds``   histogram time spent rewriting one response
 ``extraction_shield_storage_errors_total``  counter   storage failures (and decisions taken by the fallback)
 ``extraction_shield_internal_errors_total`` counter   internal failures of the shield
 =========================================== ========= ===========================================
+
+The identities gauge reads the policy's ``level_counts``. A policy that keeps its state in
+Redis counts every worker's identities with a round-trip, which a synchronous collector
+cannot make: such a policy has a ``refresh_level_counts`` coroutine, which the built-in
+endpoint awaits before rendering (the gauge is then as of the scrape), and which protected
+requests start in a task of its own at most every :data:`LEVELS_REFRESH_SECONDS` (for a
+registry scraped elsewhere). A failed refresh leaves the last counts and counts a storage
+error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from fnmatch import translate
 from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, StorageError
 from .formats.base import ParsedRequest
 from .postprocess.base import ResponseTransform
 from .problem import ABNORMAL_USAGE, QUOTA_EXCEEDED
@@ -41,6 +52,12 @@ from .problem import ABNORMAL_USAGE, QUOTA_EXCEEDED
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import Metric
+
+logger = logging.getLogger("asgi_extraction_shield")
+
+LEVELS_REFRESH_SECONDS = 10.0
+"""At most this often a protected request refreshes a shared policy's level counts (in a
+task of its own: the request never waits for it)."""
 
 OUTCOMES = ("allowed", "rate_limited", "blocked", "refused")
 _REFUSALS = {QUOTA_EXCEEDED: "rate_limited", ABNORMAL_USAGE: "blocked"}
@@ -96,10 +113,69 @@ class _LevelCollector:
         yield family
 
 
+class LevelRefresher:
+    """Keeps a shared policy's level counts fresh: ``refresh`` (awaited, never raises) before
+    the built-in endpoint renders; ``poll`` from the request path, which starts a refresh
+    in a task of its own when the last one is ``interval`` seconds old."""
+
+    def __init__(
+        self,
+        refresh: Callable[[], Awaitable[object]],
+        failed: Callable[[str], None],
+        interval: float = LEVELS_REFRESH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._refresh = refresh
+        self.failed = failed
+        self.interval = interval
+        self.clock = clock
+        self._last = -math.inf
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> None:
+        """Refresh the counts; on failure they stay as they were and the failure is counted
+        (a storage error, or an internal one)."""
+        self._last = self.clock()
+        try:
+            await self._refresh()
+        except StorageError as exc:
+            logger.warning("counting the identities by level failed: %s", exc)
+            self.failed("storage_error")
+        except Exception:
+            logger.exception("counting the identities by level failed")
+            self.failed("internal_error")
+
+    def poll(self) -> None:
+        """From the request path: start a refresh if the counts are ``interval`` old and
+        none is running. Costs one clock read otherwise."""
+        if self.clock() - self._last < self.interval or self._task is not None:
+            return
+        self._last = self.clock()
+        try:
+            self._task = asyncio.get_running_loop().create_task(self.refresh())
+        except RuntimeError:  # not on asyncio (the scrape's own refresh still runs)
+            return
+        self._task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+
+    def endpoint(self, app: ASGIApp) -> ASGIApp:
+        """``app`` (the registry's), served once the counts are refreshed."""
+
+        async def refreshed(scope: Scope, receive: Receive, send: Send) -> None:
+            await self.refresh()
+            await app(scope, receive, send)
+
+        return refreshed
+
+
 class ShieldMetrics:
     """The shield's metrics in ``registry`` (prometheus-client's default one if ``None``).
 
-    ``level_counts`` (the policy's, when it has one) feeds the identities gauge.
+    ``level_counts`` (the policy's, when it has one) feeds the identities gauge;
+    ``refresh_levels`` (a shared policy's ``refresh_level_counts``) keeps it fresh, see
+    :class:`LevelRefresher`.
     """
 
     def __init__(
@@ -108,6 +184,7 @@ class ShieldMetrics:
         *,
         protected_paths: Sequence[str] = ("*",),
         level_counts: Callable[[], Mapping[str, int]] | None = None,
+        refresh_levels: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         try:
             import prometheus_client
@@ -169,11 +246,16 @@ class ShieldMetrics:
                 "ExtractionShield its own registry (metrics_registry=CollectorRegistry())"
             ) from None
         self.route = RouteLabels(protected_paths)
+        self.levels = (
+            None if refresh_levels is None else LevelRefresher(refresh_levels, self.failed)
+        )
         self._outcomes = {outcome: self.decisions.labels(outcome) for outcome in OUTCOMES}
         self._examined: dict[tuple[str, str], Any] = {}
         self._unparsed: dict[str, Any] = {}
 
     def examined(self, path: str, request: ParsedRequest) -> None:
+        if self.levels is not None:
+            self.levels.poll()
         route = self.route(path)
         adapter = request.adapter
         fmt = adapter.name if adapter is not None else "unparsed" if request.problem else "none"
@@ -205,7 +287,7 @@ class ShieldMetrics:
         from prometheus_client import make_asgi_app
 
         app: ASGIApp = make_asgi_app(self.registry)
-        return app
+        return app if self.levels is None else self.levels.endpoint(app)
 
 
 class _TimedTransform:

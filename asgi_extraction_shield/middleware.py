@@ -183,6 +183,7 @@ class ExtractionShield:
                 metrics_registry,
                 protected_paths=settings.protected_paths,
                 level_counts=getattr(self.policy, "level_counts", None),
+                refresh_levels=getattr(self.policy, "refresh_level_counts", None),
             )
         self._assessed = (
             AssessedSampler(settings.assessed_interval, clock, settings.max_identities)

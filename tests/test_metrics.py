@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Any
 
@@ -11,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from asgi_extraction_shield import ConfigurationError, ExtractionShield, StorageError
 from asgi_extraction_shield.limiter import Decision
-from asgi_extraction_shield.metrics import RouteLabels
+from asgi_extraction_shield.metrics import LEVELS_REFRESH_SECONDS, RouteLabels
+from asgi_extraction_shield.policy import GradedPolicy
 from asgi_extraction_shield.storage import MemoryStorage
 
 from .conftest import SECRET, FakeClock, client, scripted_shield, starlette_app
@@ -145,3 +147,57 @@ def test_route_labels_are_patterns_never_raw_paths() -> None:
     assert labels("/elsewhere") == "other"
     values = {labels(f"/v1/models/m{i}:predict") for i in range(100)}
     assert values == {"/v1/models/*"} and len(labels._cache) <= 8
+
+
+class SharedCountsPolicy(GradedPolicy):
+    """A policy whose counts come from elsewhere, through a refresh that hangs or fails."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.refreshes = 0
+        self.mode = "hang"
+        self.counts = {"watch": 0, "degrade": 0, "throttle": 0, "block": 0}
+
+    def level_counts(self) -> dict[str, int]:  # type: ignore[override]
+        return dict(self.counts)
+
+    async def refresh_level_counts(self) -> None:
+        self.refreshes += 1
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+        elif self.mode == "fail":
+            raise StorageError("storage down")
+        else:
+            self.counts["watch"] = self.refreshes
+
+
+async def test_level_refreshes_never_delay_or_fail_a_request(clock: FakeClock) -> None:
+    policy = SharedCountsPolicy(clock)
+    registry = CollectorRegistry()
+    app, _ = scripted_shield(clock, policy, metrics_registry=registry, metrics_path="")
+    assert app.metrics is not None and app.metrics.levels is not None
+    app.metrics.levels.clock = clock
+    async with client(app) as c:
+        # The first request starts a refresh that never ends: requests go on regardless,
+        # and none starts another while it runs.
+        for _ in range(3):
+            assert (await c.post("/predict", json=BODY)).status_code == 200
+            await asyncio.sleep(0.01)  # the refresh task's turn
+            clock.advance(LEVELS_REFRESH_SECONDS)
+        assert policy.refreshes == 1
+        task = app.metrics.levels._task
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0.01)
+        policy.mode = "fail"  # a failing refresh: counted, the request unharmed
+        assert (await c.post("/predict", json=BODY)).status_code == 200
+        await asyncio.sleep(0.01)
+        assert registry.get_sample_value("extraction_shield_storage_errors_total") == 1
+        policy.mode = "count"
+        assert (await c.post("/predict", json=BODY)).status_code == 200  # within the interval
+        await asyncio.sleep(0.01)
+        clock.advance(LEVELS_REFRESH_SECONDS)
+        assert (await c.post("/predict", json=BODY)).status_code == 200
+        await asyncio.sleep(0.01)
+    assert policy.refreshes == 3
+    assert registry.get_sample_value("extraction_shield_identities", {"level": "watch"}) == 3

@@ -181,11 +181,11 @@ async def test_an_attacker_alternating_between_workers_is_caught_as_on_one(
     changes = [(e.signals["previous"], e.level) for e in events if e.kind == "level_changed"]
     assert len(changes) == len(set(changes))
     # Every key written has a TTL: the policy state, the observation logs, the buckets (at
-    # this rate, full again and gone within milliseconds).
+    # this rate, full again and gone within milliseconds), the sets of levels.
     keys = [k async for k in raw.scan_iter()]
-    assert (
-        {b"policy", b"obs"} <= {k.rsplit(b":", 1)[1] for k in keys} <= {b"tat", b"policy", b"obs"}
-    )
+    suffixes = {k.rsplit(b":", 1)[1] for k in keys}
+    levels = {b"watch", b"degrade", b"throttle", b"block"}
+    assert {b"policy", b"obs", b"watch"} <= suffixes <= {b"tat", b"policy", b"obs", *levels}
     assert all([await raw.pttl(k) > 0 for k in keys])
     # Without sharing (memory://), each worker needs its own 50+ queries: twice as many.
     apart = _first_block(
