@@ -699,17 +699,39 @@ def largest_remainders(row: list[float], decimals: int) -> list[float]:
     return [f / scale for f in floors]
 
 
+def assert_largest_remainders(row: list[float], rounded: list[float], decimals: int) -> None:
+    """``rounded`` is a result of Hamilton's method on ``row``, whichever tied remainder got
+    the unit: every share is its floor or one unit more, the row's rounded total is kept,
+    and no share that got a unit has a smaller remainder than one that did not."""
+    scale = 10.0**decimals
+    scaled = [v * scale for v in row]
+    floors = [math.floor(v + 1e-9) for v in scaled]
+    units = [round(r * scale) - f for r, f in zip(rounded, floors, strict=True)]
+    assert set(units) <= {0, 1}, units
+    assert sum(units) == round(sum(scaled)) - sum(floors)
+    remainders = [s - f for s, f in zip(scaled, floors, strict=True)]
+    given = [r for r, u in zip(remainders, units, strict=True) if u]
+    withheld = [r for r, u in zip(remainders, units, strict=True) if not u]
+    if given and withheld:
+        assert min(given) >= max(withheld) - 1e-9, (given, withheld)
+
+
 @FAST
 @given(p=probability_matrices(), decimals=st.integers(0, 6))
+@example(p=np.array([[0.25, 0.75]]), decimals=1)  # a tie plain rounding settles to even
 def test_round_simplex_is_the_largest_remainder_method(p: np.ndarray, decimals: int) -> None:
     q = perturb.round_simplex(p, decimals)
-    for row, rounded in zip(p.tolist(), q, strict=True):
-        np.testing.assert_allclose(rounded, largest_remainders(row, decimals), rtol=0, atol=1e-12)
+    for row, rounded in zip(p.tolist(), q.tolist(), strict=True):
+        assert_largest_remainders(row, rounded, decimals)
+        if len(set(np.round(np.asarray(row) * 10.0**decimals % 1.0, 9))) == len(row):
+            # No two remainders tie: the method has one result.
+            np.testing.assert_allclose(rounded, largest_remainders(row, decimals), atol=1e-12)
 
 
 def test_round_simplex_ties_and_both_directions() -> None:
     # Plain rounding short of a unit (2.5, 2.5, 5 tenths → 2, 2, 5) and two units over
-    # (four 1.6 and a 3.6 → 2, 2, 2, 2, 4), every remainder tied.
+    # (four 1.6 and a 3.6 → 2, 2, 2, 2, 4), every remainder tied: either way the result
+    # is one of Hamilton's (here the one that breaks ties by the lowest index first).
     for row, expected in (
         ([0.25, 0.25, 0.5], [0.3, 0.2, 0.5]),
         ([0.16, 0.16, 0.16, 0.16, 0.36], [0.2, 0.2, 0.2, 0.1, 0.3]),
@@ -717,6 +739,11 @@ def test_round_simplex_ties_and_both_directions() -> None:
         assert largest_remainders(row, 1) == pytest.approx(expected, abs=1e-12)
         q = perturb.round_simplex(np.array([row]), 1)
         np.testing.assert_allclose(q[0], expected, rtol=0, atol=1e-12)
+    # A tie plain rounding already settles (2.5 and 7.5 tenths → 2 and 8, round half to
+    # even): kept, a result of the method too.
+    q = perturb.round_simplex(np.array([[0.25, 0.75]]), 1)
+    np.testing.assert_allclose(q[0], [0.2, 0.8], rtol=0, atol=1e-12)
+    assert_largest_remainders([0.25, 0.75], q[0].tolist(), 1)
 
 
 @st.composite

@@ -31,7 +31,9 @@ def round_simplex(p: Rows, decimals: int) -> Rows:
     Rounding is Tramèr et al.'s (USENIX Security 2016) counter-measure to equation-solving
     attacks. Plain ``np.round`` breaks the simplex (three thirds round to 0.999); here each
     row is floored to units of 10^-decimals and the missing units go to the largest
-    remainders, so rows still sum to their original (rounded) total.
+    remainders (Hamilton's method), so rows still sum to their original (rounded) total.
+    Where remainders tie exactly, which tied share gets the unit is fixed but arbitrary:
+    plain rounding's (half to even) when that already keeps the sum, else the lowest index.
     """
     scale = 10.0**decimals
     scaled = p * scale
