@@ -152,6 +152,7 @@ def _verify(args: argparse.Namespace) -> int:
             format=args.format,
             headers=headers,
             model=args.model,
+            reference=args.reference,
         )
     except (ConfigurationError, VerificationError) as exc:
         print(f"extraction-shield verify: {exc}", file=sys.stderr)
@@ -236,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--records",
         help='JSONL of probe inputs ({"input": ...} per line): the queries dawn marked '
         "(WATERMARK_RECORDS_PATH), or any inputs of the suspect's domain for drw",
+    )
+    check.add_argument(
+        "--reference",
+        help="drw: your own model WITHOUT the watermark (URL, asked with the same --format and "
+        "--header, or JSONL of its answers to the same inputs): what any copy shares with it "
+        "cancels out, and the test stays exact",
     )
     check.add_argument("--key", help="the secret key (default: EXTRACTION_SHIELD_SECRET_KEY)")
     check.add_argument(

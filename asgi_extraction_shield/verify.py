@@ -37,7 +37,7 @@ from .formats.kserve_v1 import KServeV1
 from .formats.oip_v2 import OpenInferenceV2
 from .formats.openai_api import OpenAIAdapter
 from .settings import OpenAISettings
-from .watermark import Scheme, VerifyResult, parse_scheme, watermark_key
+from .watermark import ReferenceScheme, Scheme, VerifyResult, parse_scheme, watermark_key
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -314,16 +314,24 @@ def verify(
     format: str = "auto",
     headers: Mapping[str, str] | None = None,
     model: str = "",
+    reference: Suspect | None = None,
 ) -> VerifyResult:
     """Test ``suspect`` for the watermark ``scheme`` (a name, ``name:param=value``, or a
     :class:`~asgi_extraction_shield.watermark.Scheme`), keyed by the shield's
     ``SECRET_KEY`` ``key``. ``probes`` bounds the questions asked; a JSONL suspect's
-    inputs are the probes. ``format``, ``headers`` and ``model`` apply to URL suspects."""
+    inputs are the probes. ``format``, ``headers`` and ``model`` apply to URL suspects.
+
+    ``reference`` is the owner's own model *without* the watermark (a callable, a URL, or
+    a JSONL file of its answers to the same inputs), for schemes that use one (``drw``):
+    its answers are asked for the same probes, so that what any copy shares with the model
+    cancels out. It must not be the watermarked API: that would cancel the mark too."""
     if not 0 < alpha < 1:
         raise VerificationError(f"alpha={alpha!r}: expected a significance in (0, 1)")
     if probes < 1:
         raise VerificationError(f"probes={probes!r}: expected at least 1")
     chosen = _scheme(scheme)
+    if reference is not None and not isinstance(chosen, ReferenceScheme):
+        raise VerificationError(f"{chosen.name} uses no reference model (drw does)")
     wkey = watermark_key(key, chosen.name)
     if isinstance(suspect, os.PathLike) or (isinstance(suspect, str) and "://" not in suspect):
         inputs, answers = load_pairs(suspect)
@@ -331,15 +339,45 @@ def verify(
         if records is not None:
             with contextlib.suppress(ValueError):  # what a scheme learns from its records
                 chosen.probes(wkey, probes, load_records(records))
-        return chosen.test(wkey, inputs, read_answers(inputs, answers), alpha)
-    try:
-        inputs = chosen.probes(wkey, probes, load_records(records))
-    except ValueError as exc:
-        raise VerificationError(str(exc)) from None
-    if isinstance(suspect, str):
-        client = HttpSuspect(suspect, format, headers, model=model)
-        return chosen.test(wkey, inputs, client.ask(inputs), alpha)
-    if not callable(suspect):
-        raise VerificationError(f"{suspect!r} is not a callable, URL or JSONL path")
-    answers = list(suspect(list(inputs)))
-    return chosen.test(wkey, inputs, read_answers(inputs, answers), alpha)
+        outputs = read_answers(inputs, answers)
+    else:
+        try:
+            inputs = chosen.probes(wkey, probes, load_records(records))
+        except ValueError as exc:
+            raise VerificationError(str(exc)) from None
+        outputs = _ask(suspect, inputs, format, headers, model)
+    if reference is None:
+        return chosen.test(wkey, inputs, outputs, alpha)
+    assert isinstance(chosen, ReferenceScheme)
+    referred = _ask(reference, inputs, format, headers, model)
+    return chosen.test_against(wkey, inputs, outputs, referred, alpha)
+
+
+def _ask(
+    model: Suspect,
+    inputs: Sequence[Any],
+    format: str,
+    headers: Mapping[str, str] | None,
+    name: str,
+) -> list[Outputs]:
+    """A model's answers to ``inputs``: a URL is asked, a callable called, and a JSONL
+    file of ``{"input", "output"}`` lines looked up (it must answer every input)."""
+    if isinstance(model, os.PathLike) or (isinstance(model, str) and "://" not in model):
+        known, answers = load_pairs(model)
+        by_input = {_input_key(item): answer for item, answer in zip(known, answers, strict=True)}
+        missing = sum(1 for item in inputs if _input_key(item) not in by_input)
+        if missing:
+            raise VerificationError(
+                f"{model}: no answer to {missing} of the {len(inputs)} probes "
+                "(a reference file must answer every input the suspect was asked)"
+            )
+        return read_answers(inputs, [by_input[_input_key(item)] for item in inputs])
+    if isinstance(model, str):
+        return HttpSuspect(model, format, headers, model=name).ask(inputs)
+    if not callable(model):
+        raise VerificationError(f"{model!r} is not a callable, URL or JSONL path")
+    return read_answers(inputs, list(model(list(inputs))))
+
+
+def _input_key(item: Any) -> str:
+    return json.dumps(item, sort_keys=True, separators=(",", ":"))

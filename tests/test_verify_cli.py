@@ -80,6 +80,21 @@ def test_verify_a_jsonl_file(
     assert json.loads(capsys.readouterr().out)["verdict"] is False
 
 
+def test_verify_with_a_reference_file(
+    tmp_path: Path, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--reference: the owner's model without the watermark, here a JSONL file of its
+    answers to the same inputs (a copy of the clean rows: the suspect's file, unmarked)."""
+    path = answers_file(tmp_path / "answers.jsonl", "drw")
+    clean = answers_file(tmp_path / "clean.jsonl", "none")
+    args = ["verify", "--scheme", "drw", "--suspect", str(path), "--json"]
+    assert main([*args, "--reference", str(clean)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["details"]["reference"] is True and result["p_value"] < 1e-6
+    assert main([*args, "--reference", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
 def test_a_bare_scheme_takes_the_parameters_of_watermark(
     env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

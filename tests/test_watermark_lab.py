@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 if os.environ.get("CI"):
@@ -11,6 +12,7 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("sklearn")
 
+from examples.extraction_lab import drw_keys
 from examples.extraction_lab.watermarks import SIGNIFICANCE, quick, report, run
 
 
@@ -19,7 +21,13 @@ def test_quick_watermark_evaluation() -> None:
     result = run(config)
     thieves = {(r.suspect, r.budget, r.scheme): r for r in result.rows if r.budget is not None}
     for budget in config.budgets:
-        for key in (("soft", "drw"), ("soft", "dawn"), ("label", "dawn"), ("label-linear", "dawn")):
+        for key in (
+            ("soft", "drw"),
+            ("soft", "drw + reference"),
+            ("soft", "dawn"),
+            ("label", "dawn"),
+            ("label-linear", "dawn"),
+        ):
             row = thieves[(key[0], budget, key[1])]
             assert 0.0 <= row.p_value <= 1.0
     # A label-only copy made from 2,000 shielded answers carries dawn's marks, to the
@@ -28,8 +36,12 @@ def test_quick_watermark_evaluation() -> None:
     # A soft-label copy of 2,000 answers carries drw's slope along the keyed products
     # (3e-7 with 2,000 probes; 1.3e-4 on the direction alone, features=0).
     assert thieves[("soft", max(config.budgets), "drw")].p_value < 1e-5
+    # With the owner's unwatermarked model as reference, what the copy shares with the
+    # model anyway cancels: stronger evidence from the same answers.
+    with_reference = thieves[("soft", max(config.budgets), "drw + reference")].p_value
+    assert with_reference < thieves[("soft", max(config.budgets), "drw")].p_value
     independent = [r for r in result.rows if r.budget is None]
-    assert len(independent) == 2 * config.independent
+    assert len(independent) == 3 * config.independent
     assert all(r.p_value >= SIGNIFICANCE for r in independent)
     # Cost: dawn changes about rate·(1 − 1/K) of top labels, drw moves a probability by at
     # most 2ε/(1 + 2ε) — but dawn's swap moves two values by up to their gap.
@@ -39,3 +51,14 @@ def test_quick_watermark_evaluation() -> None:
     for heading in ("## Stolen substitutes", "## Independent models", "## Cost to legitimate"):
         assert heading in text
     assert "nan" not in text.lower()
+
+
+def test_drw_over_random_keys_runs_both_tests() -> None:
+    results = drw_keys.run(keys=2, answers=400)
+    assert len({r.secret for r in results}) == 2
+    for r in results:
+        assert np.isfinite(r.z) and np.isfinite(r.z_reference)
+        assert r.z != r.z_reference  # the reference changes the regression tested
+    summary = drw_keys.summary(results)
+    assert set(summary) == {"alone", "reference"}
+    assert all(0 <= s["below"] <= 2 for s in summary.values())

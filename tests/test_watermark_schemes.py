@@ -27,7 +27,7 @@ from asgi_extraction_shield import ExtractionShield, ShieldSettings
 from asgi_extraction_shield.formats.base import Outputs, batch_request, canonical_keys
 from asgi_extraction_shield.formats.kserve_v1 import KServeV1
 from asgi_extraction_shield.postprocess.chain import Context
-from asgi_extraction_shield.verify import verify
+from asgi_extraction_shield.verify import VerificationError, verify
 from asgi_extraction_shield.watermark import build_watermarks, parse_watermarks, watermark_key
 from asgi_extraction_shield.watermark.dawn import DAWN
 from asgi_extraction_shield.watermark.drw import DRW, signal
@@ -307,6 +307,73 @@ def test_drw_linear_test_detects_a_slow_mark_and_not_with_a_wrong_key() -> None:
         wrong = watermark_key(SECRET + "x", "drw")
         assert not drw.test(wrong, x.tolist(), one_by_one(copied), 1e-3).verdict
     assert z["drw"] > 1.5 * z["drw:features=0"], z
+
+
+def test_drw_reference_keeps_the_null_exact() -> None:
+    """With the owner's unwatermarked model as reference, z is the test of the difference of
+    two regressions, neither of which depends on the key: still exactly N(0, 1)."""
+    x = blobs(300, 25)
+    suspect = one_by_one(model(x, WEIGHTS + RNG.normal(0.0, 0.5, WEIGHTS.shape)))
+    reference = one_by_one(model(x))
+    results = [
+        DRW().test_against(
+            watermark_key(f"{SECRET}-{i}", "drw"), x.tolist(), suspect, reference, 1e-3
+        )
+        for i in range(200)
+    ]
+    assert all(r.details["reference"] for r in results)
+    z = np.asarray([r.details["z"] for r in results])
+    assert stats.kstest(z, "norm").pvalue > 0.01
+
+
+def test_drw_reference_leaves_the_mark_of_an_imperfect_copy() -> None:
+    """A copy shares the model's own structure, imperfectly, and the mark: subtracting the
+    owner's clean model's regression removes most of the former, so z grows."""
+    rng = np.random.default_rng(26)
+    x = rng.normal(0.0, 1.0, (3000, 64))
+    weights = rng.normal(0.0, 0.3, (64, 5))
+    clean = softmax(x @ weights)
+    imperfect = softmax(x @ (weights + rng.normal(0.0, 0.1, weights.shape)))
+    request = batch_request(KServeV1(), x.tolist())
+    drw = bound("drw:eps=0.05")
+    outputs = Outputs(request.keys, probabilities=imperfect)
+    drw.apply(outputs, Context(b"unused", "thief", request))
+    assert outputs.probabilities is not None
+    copy = one_by_one(outputs.probabilities)
+    key = watermark_key(SECRET, "drw")
+    alone = drw.test(key, x.tolist(), copy, 1e-3)
+    against = drw.test_against(key, x.tolist(), copy, one_by_one(clean), 1e-3)
+    assert against.statistic > alone.statistic + 1.0, (alone.statistic, against.statistic)
+    assert against.p_value < 1e-6
+    wrong = watermark_key(SECRET + "x", "drw")
+    assert not drw.test_against(wrong, x.tolist(), copy, one_by_one(clean), 1e-3).verdict
+
+
+def test_verify_asks_the_reference_the_same_probes(tmp_path: Path) -> None:
+    x = blobs(400, 27)
+    marked = shielded(bound("drw"), x).probabilities
+    assert marked is not None
+    asked: list[int] = []
+
+    def owner(inputs: list[Any]) -> list[Any]:
+        asked.append(len(inputs))
+        return model(np.asarray(inputs)).tolist()
+
+    records = [{"input": v} for v in x.tolist()]
+    suspect = lambda inputs: [marked[i].tolist() for i in range(len(inputs))]  # noqa: E731
+    result = verify("drw", suspect, key=SECRET, records=records, reference=owner)
+    assert asked == [400] and result.details["reference"] and result.probes == 400
+    # The same reference as a JSONL file of its answers; it must answer every probe.
+    path = tmp_path / "owner.jsonl"
+    pairs = [{"input": v, "output": model(np.asarray([v]))[0].tolist()} for v in x.tolist()]
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    from_file = verify("drw", suspect, key=SECRET, records=records, reference=str(path))
+    assert from_file.statistic == pytest.approx(result.statistic, rel=1e-9)
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs[:-1]))
+    with pytest.raises(VerificationError, match="no answer to 1 of the 400 probes"):
+        verify("drw", suspect, key=SECRET, records=records, reference=str(path))
+    with pytest.raises(VerificationError, match="dawn uses no reference"):
+        verify("dawn", suspect, key=SECRET, records=records, reference=owner)
 
 
 # -- DAWN ------------------------------------------------------------------------------------

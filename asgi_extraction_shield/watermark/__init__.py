@@ -16,7 +16,7 @@ import orjson
 
 from ..formats.base import ParsedRequest
 from ..postprocess.chain import parse_chain
-from .base import Scheme, VerifyResult, Watermark, watermark_key
+from .base import ReferenceScheme, Scheme, VerifyResult, Watermark, watermark_key
 from .dawn import DAWN
 from .drw import DRW
 from .embmarker import EmbMarker, EmbMarkerScheme
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SCHEMES",
     "WATERMARKS",
+    "ReferenceScheme",
     "Scheme",
     "VerifyResult",
     "Watermark",

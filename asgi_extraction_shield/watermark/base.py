@@ -151,3 +151,22 @@ class Scheme(Protocol):
         """Test the suspect's answers: ``outputs[i]`` is its answer to ``inputs[i]``, read
         by the shield's format adapters (an empty :class:`Outputs` when unreadable)."""
         ...
+
+
+@runtime_checkable
+class ReferenceScheme(Scheme, Protocol):
+    """A verifier that can also use the owner's own model, *without* the watermark, as a
+    reference: its answers to the same probes show what any copy of the model would
+    answer anyway, so that only the mark is left to test."""
+
+    def test_against(
+        self,
+        key: bytes,
+        inputs: Sequence[Any],
+        outputs: Sequence[Outputs],
+        reference: Sequence[Outputs],
+        alpha: float,
+    ) -> VerifyResult:
+        """:meth:`Scheme.test`, given ``reference[i]``, the unwatermarked model's answer to
+        ``inputs[i]``."""
+        ...

@@ -218,11 +218,27 @@ def run(
         asked = {tuple(x) for x in queries[:budget].tolist()}
         return [r for r in thief_records if tuple(r["input"]) in asked]
 
+    def owner(inputs: list[Any]) -> list[Any]:
+        """The owner's own model, without the shield: drw's reference."""
+        rows: list[Any] = victim.predict_proba(np.asarray(inputs)).tolist()
+        return rows
+
     def check(
-        suspect: str, budget: int | None, scheme: str | DRW, answer: Any, records: Sequence[Any]
+        suspect: str,
+        budget: int | None,
+        scheme: str | DRW,
+        answer: Any,
+        records: Sequence[Any],
+        reference: Any = None,
     ) -> None:
         verdict = verify(
-            scheme, answer, key=SECRET_KEY, records=records, probes=100_000, alpha=SIGNIFICANCE
+            scheme,
+            answer,
+            key=SECRET_KEY,
+            records=records,
+            probes=100_000,
+            alpha=SIGNIFICANCE,
+            reference=reference,
         )
         detail = ""
         if verdict.scheme == "dawn":
@@ -231,9 +247,8 @@ def run(
                 f"/{verdict.details.get('units', 0)} units of "
                 f"{verdict.details.get('regions', 0)} regions"
             )
-        result.rows.append(
-            Row(suspect, budget, verdict.scheme, verdict.p_value, verdict.probes, detail)
-        )
+        name = f"{verdict.scheme} + reference" if reference is not None else verdict.scheme
+        result.rows.append(Row(suspect, budget, name, verdict.p_value, verdict.probes, detail))
 
     for budget in config.budgets:
         x, p = queries[:budget], answers[:budget]
@@ -244,6 +259,7 @@ def run(
             p,
         )
         check("soft", budget, drw_spec, _regressor(soft), drw_records)
+        check("soft", budget, drw_spec, _regressor(soft), drw_records, reference=owner)
         check("soft", budget, dawn_spec, _regressor(soft), records)
         label = _fit(
             lambda: MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=config.seed),
@@ -261,6 +277,7 @@ def run(
     for name, make in independent_models(config.independent, config.seed):
         model = _fit(make, x_true, y_true)
         check(name, None, drw_spec, _probabilities(model), drw_records)
+        check(name, None, drw_spec, _probabilities(model), drw_records, reference=owner)
         check(name, None, dawn_spec, _labels(model), all_records)
     progress("independent models")
     result.seconds = time.perf_counter() - started
@@ -292,7 +309,7 @@ def report(result: WatermarkResult) -> str:
         for r in thieves
     ]
     lines += ["", f"## Independent models ({config.independent}, true labels)", ""]
-    for scheme in ("drw", "dawn"):
+    for scheme in ("drw", "drw + reference", "dawn"):
         ps = sorted(r.p_value for r in independent if r.scheme == scheme)
         if ps:
             flagged = sum(p < SIGNIFICANCE for p in ps)
