@@ -3,11 +3,11 @@
 Drives each ASGI app directly (no server, no HTTP client): a bare Starlette model
 endpoint answering a KServe v1 request (64 features) with 10-class probabilities, the
 same app behind slowapi (its pure-ASGI middleware, with a limit high enough never to
-trigger), behind the shield with the limiter only (``FORMAT=none``), and behind the
-shield parsing the payload and rounding (``round:3``) or perturbing (``FULL_CHAIN``) the
-outputs, and on its full path with the query monitor on as well (the defaults), with either
-chain, and with ``FULL_CHAIN`` and Prometheus metrics (``METRICS=true``, a registry of its
-own). Requests cycle through
+trigger), and behind the shield: with the limiter only (``FORMAT=none``); parsing the
+payload and rounding (``round:3``) or perturbing (``FULL_CHAIN``) the outputs; with the
+query monitor on and no perturbation (the defaults); on its full path (monitor and
+perturbation) with either chain; and with ``FULL_CHAIN`` and Prometheus metrics
+(``METRICS=true``, a registry of its own). Requests cycle through
 1,009 distinct queries from one client. Rounds are
 interleaved so that machine noise hits every variant alike; each figure is the
 median over rounds of the mean µs per request in that round. Overheads are
@@ -101,6 +101,12 @@ FULL = {"format": "auto", "perturbation": FULL_CHAIN, "monitor": {"enabled": Tru
 def shield_full_app() -> ASGIApp:
     """The full path: payload parsed, queries monitored and graded, outputs perturbed."""
     return shield_app(mode="shadow", **FULL)
+
+
+def shield_defaults_app() -> ASGIApp:
+    """The defaults: payload parsed, queries monitored and graded, answers read (for the
+    monitor's margins) but not perturbed (``PERTURBATION=none``)."""
+    return shield_app(mode="shadow", format="auto", monitor={"enabled": True})
 
 
 def shield_full_round_app() -> ASGIApp:
@@ -213,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "shield (limiter only + metrics)": shield_metrics_app,
         "shield (parse + round:3)": shield_round_app,
         "shield (parse + perturb)": shield_perturb_app,
+        "shield (defaults: monitor, no perturbation)": shield_defaults_app,
         "shield (full path, round:3)": shield_full_round_app,
         "shield (full path)": shield_full_app,
         "shield (full path + metrics)": shield_full_metrics_app,
@@ -230,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_parse_round_to_slowapi_overhead": (medians["shield (parse + round:3)"] - bare)
         / slow_overhead,
         "ratio_parse_perturb_to_slowapi_overhead": (medians["shield (parse + perturb)"] - bare)
+        / slow_overhead,
+        "ratio_defaults_to_slowapi_overhead": (
+            medians["shield (defaults: monitor, no perturbation)"] - bare
+        )
         / slow_overhead,
         "ratio_full_path_round_to_slowapi_overhead": (medians["shield (full path, round:3)"] - bare)
         / slow_overhead,
@@ -257,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{result['ratio_parse_round_to_slowapi_overhead']:.3f}"
             f"\nshield (parse + perturb) overhead / slowapi overhead = "
             f"{result['ratio_parse_perturb_to_slowapi_overhead']:.3f}"
+            f"\nshield (defaults) overhead / slowapi overhead = "
+            f"{result['ratio_defaults_to_slowapi_overhead']:.3f}"
             f"\nshield (full path, round:3) overhead / slowapi overhead = "
             f"{result['ratio_full_path_round_to_slowapi_overhead']:.3f}"
             f"\nshield (full path) overhead / slowapi overhead = "
