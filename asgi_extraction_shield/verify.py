@@ -31,7 +31,7 @@ from typing import Any, Union
 import numpy as np
 
 from .errors import ShieldError
-from .formats.base import FormatAdapter, GeneratedText, Outputs, ParsedRequest
+from .formats.base import FormatAdapter, GeneratedText, Outputs, ParsedRequest, canonical
 from .formats.hf import HuggingFace
 from .formats.kserve_v1 import KServeV1
 from .formats.oip_v2 import OpenInferenceV2
@@ -364,20 +364,16 @@ def _ask(
     file of ``{"input", "output"}`` lines looked up (it must answer every input)."""
     if isinstance(model, os.PathLike) or (isinstance(model, str) and "://" not in model):
         known, answers = load_pairs(model)
-        by_input = {_input_key(item): answer for item, answer in zip(known, answers, strict=True)}
-        missing = sum(1 for item in inputs if _input_key(item) not in by_input)
+        by_input = {canonical(item): answer for item, answer in zip(known, answers, strict=True)}
+        missing = sum(1 for item in inputs if canonical(item) not in by_input)
         if missing:
             raise VerificationError(
                 f"{model}: no answer to {missing} of the {len(inputs)} probes "
                 "(a reference file must answer every input the suspect was asked)"
             )
-        return read_answers(inputs, [by_input[_input_key(item)] for item in inputs])
+        return read_answers(inputs, [by_input[canonical(item)] for item in inputs])
     if isinstance(model, str):
         return HttpSuspect(model, format, headers, model=name).ask(inputs)
     if not callable(model):
         raise VerificationError(f"{model!r} is not a callable, URL or JSONL path")
     return read_answers(inputs, list(model(list(inputs))))
-
-
-def _input_key(item: Any) -> str:
-    return json.dumps(item, sort_keys=True, separators=(",", ":"))

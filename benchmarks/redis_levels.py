@@ -24,7 +24,8 @@ import json
 import statistics
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,17 @@ UNTRACKED = Script(redis_policy.UPDATE.body.replace(_TRACK, "    --").replace(_T
 """The update script without the sets of levels."""
 UNTRACKED_ADMIT = Script(redis_policy.ADMIT.body.replace(_TRACK, "    --"))
 """The admission script (``current`` and the charge) without the sets of levels."""
+
+
+@contextmanager
+def script_as(name: str, script: Script) -> Iterator[None]:
+    """``redis_policy.<name>`` replaced by ``script`` for the ``with`` block."""
+    saved = getattr(redis_policy, name)
+    setattr(redis_policy, name, script)
+    try:
+        yield
+    finally:
+        setattr(redis_policy, name, saved)
 
 
 async def script_usec(raw: Any) -> float:
@@ -74,13 +86,10 @@ async def updates(url: str, n: int, seed: int) -> dict[str, float]:
         await raw.flushdb()
         storage = RedisStorage(url, prefix=f"upd-{name}", timeout=5.0)
         policy = RedisPolicy(storage)
-        saved, redis_policy.UPDATE = redis_policy.UPDATE, script
-        try:
+        with script_as("UPDATE", script):
             await raw.config_resetstat()
             await fill(policy, GradedPolicy(), n, seed)
             usec[name] = await script_usec(raw) / n
-        finally:
-            redis_policy.UPDATE = saved
         await storage.close()
     await raw.aclose()
     return usec
@@ -100,15 +109,12 @@ async def admits(url: str, n: int, seed: int) -> dict[str, float]:
     who = [Identity(f"ip:{i}", "ip") for i in range(held)]
     usec: dict[str, float] = {}
     for name, script in (("tracked", redis_policy.ADMIT), ("untracked", UNTRACKED_ADMIT)):
-        saved, redis_policy.ADMIT = redis_policy.ADMIT, script
-        try:
+        with script_as("ADMIT", script):
             await raw.config_resetstat()
             for start in range(0, n, 50):
                 batch = [who[i % held] for i in range(start, min(n, start + 50))]
                 await asyncio.gather(*(policy.admit(w, 1, limiter, True) for w in batch))
             usec[name] = await script_usec(raw) / n
-        finally:
-            redis_policy.ADMIT = saved
     await storage.close()
     await raw.aclose()
     return usec

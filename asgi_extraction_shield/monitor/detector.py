@@ -159,7 +159,6 @@ class ExtractionMonitor:
         else:
             pools = self.pool_keys(identity, now)
             own.route = (identity.network, pools)
-        own.pools = pools
         self._feed(own, observation, features, buckets, now)
         for pool in pools:
             tracker, members = self._pool(pool, now)

@@ -220,7 +220,6 @@ class Tracker:
         "last_seen",
         "logit_bias_tokens",
         "novelty",
-        "pools",
         "prada_w",
         "queries",
         "requests",
@@ -266,14 +265,17 @@ class Tracker:
         ) = None
         """``(requests, risk, signals, scores, assessment)`` when last assessed (kept by the
         monitor, which builds the :class:`~.base.Assessment` once, when first asked)."""
-        self.pools: list[str] = []
-        """The pools the identity's latest request fed (kept by the monitor)."""
         self.route: tuple[Any, list[str]] | None = None
-        """The network the identity's pools were worked out for, and those pools (kept by the
-        monitor: they change only with the network)."""
+        """The network the identity's latest request came from, and the pools it fed (kept
+        by the monitor: they change only with the network)."""
         self.cursor: bytes | None = None
         """How far this tracker has read the observations other processes shared (their
         log's last entry id read), ``None`` before the first read."""
+
+    @property
+    def pools(self) -> list[str]:
+        """The pools the identity's latest request fed."""
+        return self.route[1] if self.route is not None else []
 
     # -- observing -------------------------------------------------------------------------
 
