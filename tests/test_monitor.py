@@ -182,7 +182,8 @@ def test_queued_answers_are_summarised_as_observed_one_by_one() -> None:
 
 def test_assessment_cadence() -> None:
     """An identity is re-assessed every ``assess_every`` requests, 4 × less often once it
-    has made 256; a pool every ``pool_assess_every``."""
+    has made 256; a pool after ``pool_assess_every`` more requests, when one of its
+    members is next assessed."""
     monitor = ExtractionMonitor(KEY, {}, dim=16, pools=("net",))
     who = identity("cadence", "198.51.100.9")
     rng = np.random.default_rng(23)
@@ -198,7 +199,9 @@ def test_assessment_cadence() -> None:
     assert young == list(range(1, 257, monitor.assess_every))
     settled = [r for r in sorted(own_at) if r > 256]
     assert np.diff([young[-1], *settled]).tolist() == [4 * monitor.assess_every] * len(settled)
-    assert sorted(pool_at) == list(range(1, 401, monitor.pool_assess_every))
+    pool_steps = np.diff(sorted(pool_at))
+    assert min(pool_at) == 1 and len(pool_steps) == 5
+    assert all(monitor.pool_assess_every <= d < monitor.pool_assess_every + 32 for d in pool_steps)
 
 
 def test_tracker_state_is_bounded() -> None:
@@ -311,6 +314,7 @@ def test_an_identity_that_moves_network_feeds_its_new_pool() -> None:
         monitor.observe(
             identity("mover", ip), ParsedRequest(parsed=True, features=rng.normal(size=(1, 8)))
         )
+    monitor.flush()  # the requests queued since the identity was last assessed
     pools = monitor.identities[identity("mover", "198.51.100.5").key].pools
     assert "net:198.51.100.0/24" in pools and len(pools) == 2
     assert monitor.pools["net:203.0.113.0/24"][0].requests == 2
@@ -571,3 +575,80 @@ def test_pool_members_keep_their_total_and_evict_the_smallest() -> None:
     members.count("d", 4)  # full: "b", the smallest, goes
     assert members.counts == {"a": 8, "c": 2, "d": 4} and members.total == 14
     assert members.share_ratio("b") == 0.0 and Members(2).share_ratio("x") == 0.0
+
+
+# -- the monitor's queue --------------------------------------------------------------------
+
+
+def test_distances_do_not_depend_on_the_centre() -> None:
+    # PRADA's distances and near-duplicates are measured between the rows as projected: the
+    # running mean the cosines are taken about moves, and must not move the distances.
+    rows = ExtractionMonitor(KEY, {}, dim=32).featurizer.numeric(
+        probing_rows(300, np.random.default_rng(30))
+    )
+    signals = []
+    for centre in (np.zeros(32), np.full(32, 5.0), rows.mean(axis=0)):
+        tracker = Tracker(TrackerConfig(), 32, 0.0)
+        for i in range(len(rows)):
+            tracker.observe_queries(rows[i : i + 1], [0], [i], float(i), centre)
+        signals.append(tracker.signals())
+    for other in signals[1:]:
+        for name in ("prada_w", "near_duplicates"):
+            assert other[name] == pytest.approx(signals[0][name], abs=1e-6)
+    assert signals[0]["prada_w"] < 0.9  # probing steps: far from normal distances
+    # Cosines are taken about the centre: far from the data, every row points one way.
+    assert signals[1]["novelty"] < signals[2]["novelty"]
+
+
+def test_running_mean_is_the_stepwise_one() -> None:
+    monitor = ExtractionMonitor(KEY, {}, dim=4)
+    rng = np.random.default_rng(31)
+    mean, count = np.zeros(4), 0
+    for n in (1, 7, 9_990, 5, 40):  # exact for the first 10,000 rows, then a moving average
+        rows = rng.normal(loc=3.0, size=(n, 4))
+        for row in rows:
+            count += 1
+            mean += (row - mean) / min(count, 10_000)
+        assert monitor._centre(rows, 0) == pytest.approx(mean, rel=1e-9, abs=1e-12)
+
+
+def test_queued_requests_are_observed_as_one_by_one() -> None:
+    # The monitor queues requests and folds them in together when an identity is due to be
+    # assessed: every tracker ends up with what it would have observed request by request.
+    rng = np.random.default_rng(32)
+    queued = ExtractionMonitor(KEY, ShieldSettings().monitor.rules(), dim=32)
+    direct = ExtractionMonitor(KEY, ShieldSettings().monitor.rules(), dim=32)
+    users = [identity(f"q{i}", f"203.0.113.{i % 3 + 1}") for i in range(6)]
+    for step in range(400):
+        who = users[step % len(users)]
+        rows = probing_rows(2, rng) if step % 2 else benign_rows(2, rng)
+        request = ParsedRequest(parsed=True, features=rows, keys=[r.tobytes() for r in rows])
+        queued.observe(who, request)
+        direct.observe(who, request)
+        direct.flush()
+        assert len(queued._inbox) < 64
+    queued.flush()
+    for n, who in enumerate(users):
+        a, b = queued.signals_of(who.key), direct.signals_of(who.key)
+        assert a is not None and b is not None
+        assert a["queries"] == b["queries"] == 2 * len(range(n, 400, len(users)))
+        for name in ("prada_w", "near_duplicates", "novelty", "distribution_requests"):
+            assert a[name] == pytest.approx(b[name], abs=1e-6), name
+        assert a["coverage"] == pytest.approx(b["coverage"], abs=0.05)  # buckets: the mean
+    for key, (tracker, members) in direct.pools.items():
+        other, other_members = queued.pools[key]
+        assert other.requests == tracker.requests and other_members.counts == members.counts
+        assert other.signals()["prada_w"] == pytest.approx(tracker.signals()["prada_w"], abs=1e-6)
+
+
+def test_an_identity_gets_its_latest_assessment_until_it_is_due() -> None:
+    monitor = ExtractionMonitor(KEY, ShieldSettings().monitor.rules(), dim=32)
+    who = identity("due", "198.51.100.20")
+    rng = np.random.default_rng(33)
+    seen = []
+    for _ in range(3 * monitor.assess_every):
+        seen.append(monitor.observe(who, ParsedRequest(parsed=True, features=uniform_rows(1, rng))))
+        assert len(monitor._inbox) == monitor.identities[who.key].queued
+    changes = [i for i in range(1, len(seen)) if seen[i] is not seen[i - 1]]
+    assert changes == [monitor.assess_every, 2 * monitor.assess_every]
+    assert monitor.identities[who.key].requests == 2 * monitor.assess_every + 1

@@ -14,6 +14,12 @@ proportion to what they fed it: a member with at least an average share gets it 
 Tables are bounded LRU caches: evicting a tracker forgets detection history, never a
 penalty (levels and blocks live in the policy's own protected table).
 
+Requests are queued and folded into their trackers together (:meth:`ExtractionMonitor.flush`):
+when their identity is due to be assessed, or when :data:`INBOX` are waiting. Projecting,
+centring and hashing a queue is a few array operations whatever its length, where one
+request at a time paid them all per request; until then a request gets its identity's
+latest assessment, which is what it would get anyway between two assessments.
+
 Cost: a pool's tracker keeps no history of recent queries (novelty and near-duplicates are
 per identity; coverage, entropy, PRADA and request shares are pooled), and each tracker's
 risk is re-assessed every ``assess_every`` requests (8) rather than at each one (every 4 ×
@@ -56,6 +62,12 @@ SETTLED = 256
 """Requests after which an identity is re-assessed ``SETTLED_SLOWER`` times less often:
 its signals are measured over windows of a few hundred queries and move slowly by then."""
 SETTLED_SLOWER = 4
+INBOX = 64
+"""Queued requests that are folded into their trackers at once, at the latest."""
+MEAN_ROWS = 10_000
+"""Rows over which the running means are exact; a moving average of that span after."""
+_Queued = tuple[str, Tracker, ParsedRequest, float, list[str]]
+"""A request waiting to be observed: identity key, its tracker, the request, when, pools."""
 
 
 class ExtractionMonitor:
@@ -114,6 +126,8 @@ class ExtractionMonitor:
         """Identities an operator lifted, and until when pools are not held against them."""
         self.shared: SharedObservations | None = None
         """Where observations are shared with other processes (Redis), if anywhere."""
+        self._inbox: list[_Queued] = []
+        self._answers: list[tuple[str, Tracker, Matrix, list[str]]] = []
 
     # -- the Monitor protocol ---------------------------------------------------------------
 
@@ -127,6 +141,7 @@ class ExtractionMonitor:
         own = self.identities.get(identity.key)
         if own is None or not shared.due(identity.key, own):
             return assessment
+        self.flush()  # what this process observed goes out first
         pools = [p for p in own.pools if p != ALL]  # those observe() just fed
         trackers = {identity.key: own}
         for pool in pools:
@@ -140,18 +155,13 @@ class ExtractionMonitor:
             for observation in observations:
                 self.replay(key, observation)
             trackers[key].assessment = None  # assess again, with what the others saw
-        return self._assessment(identity.key, pools)
+        own.last = self._assessment(identity.key, own.pools)
+        return own.last
 
     def observe(self, identity: Identity, request: ParsedRequest) -> Assessment:
+        """Queue the request for the identity's trackers and its pools'; the identity's
+        latest assessment, made again (the queue folded in first) when it is due."""
         now = self.clock()
-        observation = self.observation(identity.key, request)
-        rows = observation.rows
-        features = (
-            None
-            if rows is None
-            else rows - self._centre(rows, TEXT if observation.text else NUMERIC)
-        )
-        buckets = None if features is None else self.buckets(features)
         own = self._tracker(identity.key, now)
         route = own.route
         if route is not None and route[0] == identity.network:
@@ -159,14 +169,125 @@ class ExtractionMonitor:
         else:
             pools = self.pool_keys(identity, now)
             own.route = (identity.network, pools)
-        self._feed(own, observation, features, buckets, now)
-        for pool in pools:
-            tracker, members = self._pool(pool, now)
-            self._feed(tracker, observation, features, buckets, now)
-            members.count(identity.key, observation.queries)
-        if self.shared is not None:
-            self.shared.record([identity.key, *(p for p in pools if p != ALL)], observation)
-        return self._assessment(identity.key, pools)
+            for pool in pools:
+                self._pool(pool, now)
+        own.queued += 1
+        inbox = self._inbox
+        inbox.append((identity.key, own, request, now, pools))
+        cached, last = own.assessment, own.last
+        every = self.assess_every if own.requests < SETTLED else SETTLED_SLOWER * self.assess_every
+        if (
+            cached is None
+            or last is None
+            or own.requests + own.queued - cached[0] >= every
+            or len(inbox) >= INBOX
+        ):
+            self.flush()
+            last = own.last = self._assessment(identity.key, pools)
+        return last
+
+    def flush(self) -> None:
+        """Fold the queued requests into their trackers: featurised, centred and hashed
+        together, a few array operations for the whole queue."""
+        if self._answers:
+            self._flush_answers()
+        inbox, self._inbox = self._inbox, []
+        if not inbox:
+            return
+        observations = self._observations(inbox)
+        shared = self.shared
+        entries: dict[str, tuple[Tracker, Members]] = {}  # each pool looked up once
+        for (key, own, _, now, pools), observation, buckets in zip(
+            inbox, observations, self._buckets_of(observations), strict=True
+        ):
+            own.queued = 0
+            self._feed(own, observation, buckets, now)
+            for pool in pools:
+                entry = entries.get(pool)
+                if entry is None:
+                    entry = entries[pool] = self._pool(pool, now)
+                self._feed(entry[0], observation, buckets, now)
+                entry[1].count(key, observation.queries)
+            if shared is not None:
+                shared.record([key, *(p for p in pools if p != ALL)], observation)
+
+    def _flush_answers(self) -> None:
+        """Fold the queued answers into their identities' and pools' trackers, each
+        tracker's answers of one width at once."""
+        answers, self._answers = self._answers, []
+        batches: dict[tuple[int, int], tuple[Tracker, list[Matrix]]] = {}
+        entries: dict[str, Tracker | None] = {}
+        shared = self.shared
+        for key, own, probabilities, pools in answers:
+            trackers = [own]
+            for pool in pools:
+                if pool not in entries:
+                    entry = self.pools.get(pool)
+                    entries[pool] = None if entry is None else entry[0]
+                tracker = entries[pool]
+                if tracker is not None:
+                    trackers.append(tracker)
+            for tracker in trackers:
+                batch = batches.setdefault((id(tracker), probabilities.shape[1]), (tracker, []))
+                batch[1].append(probabilities)
+            if shared is not None:
+                keys = [key, *(p for p in pools if p != ALL and entries[p] is not None)]
+                shared.record(keys, Answers(key, *answer_summary(probabilities)))
+        for tracker, rows in batches.values():
+            tracker.observe_answers(_stack(rows))
+
+    def _observations(self, inbox: list[_Queued]) -> list[Observation]:
+        """The queued requests' observations: numeric rows projected a width at a time,
+        texts hashed together."""
+        rows: list[Matrix | None] = [None] * len(inbox)
+        widths: dict[int, list[int]] = {}
+        texts: list[int] = []
+        for i, (_, _, request, _, _) in enumerate(inbox):
+            features = request.features
+            if features is not None and len(features):
+                rows[i] = features = features.reshape(len(features), -1)
+                widths.setdefault(features.shape[1], []).append(i)
+            elif request.texts:
+                texts.append(i)
+        for group in widths.values():
+            raw = [rows[i] for i in group]
+            _spread(self.featurizer.numeric(_stack(raw)), group, rows)
+        if texts:
+            hashed = self.featurizer.texts([t for i in texts for t in inbox[i][2].texts])
+            _spread(hashed, texts, rows, [len(inbox[i][2].texts) for i in texts])
+        text = set(texts)
+        return [
+            Observation(
+                key,
+                rows[i],
+                i in text,
+                bool(request.flags & DISTRIBUTION_FLAGS),
+                request.logit_bias_tokens,
+                _digests(request, rows[i]),
+            )
+            for i, (key, _, request, _, _) in enumerate(inbox)
+        ]
+
+    def _buckets_of(self, observations: list[Observation]) -> list[list[int]]:
+        """Each observation's SimHash buckets, of its rows centred on the running mean of
+        their kind (moved by all of them first)."""
+        out: list[list[int]] = [[]] * len(observations)
+        for kind in (NUMERIC, TEXT):
+            group = [
+                i
+                for i, o in enumerate(observations)
+                if o.rows is not None and o.text is (kind == TEXT)
+            ]
+            if not group:
+                continue
+            rows = _stack([observations[i].rows for i in group])
+            buckets = self.buckets(rows - self._centre(rows, kind))
+            start = 0
+            for i in group:
+                stop = start + observations[i].queries
+                out[i] = buckets[start:stop]
+                start = stop
+        return out
 
     def _assessment(self, key: str, pools: list[str]) -> Assessment:
         """The identity's risk: its own, or its pools' attributed to it when larger."""
@@ -180,7 +301,10 @@ class ExtractionMonitor:
         for pool in pools:
             if pool == ALL:
                 continue  # a baseline for operators: mostly benign, never attributed
-            tracker, members = self.pools[pool]
+            entry = self.pools.get(pool)
+            if entry is None:
+                continue  # evicted since (its history is gone)
+            tracker, members = entry
             pool_risk, pool_signals, pool_scores = self._assess(
                 tracker, self.pool_assess_every, self.pool_rules
             )
@@ -219,17 +343,13 @@ class ExtractionMonitor:
             unit = self.featurizer.embeddings(embeddings)
             tracker.observe_output_buckets(self.buckets(unit - self._centre(unit, OUTPUTS)))
         probabilities = outputs.probabilities
-        if probabilities is None or probabilities.shape[1] < 2:
+        if probabilities is None or probabilities.ndim != 2 or probabilities.shape[1] < 2:
             return
-        keys = [identity.key]
-        tracker.observe_answers(probabilities)
-        for pool in tracker.pools:  # those of the request that asked (or the latest one)
-            entry = self.pools.get(pool)
-            if entry is not None:
-                entry[0].observe_answers(probabilities)
-                keys.extend([pool] if pool != ALL else [])
-        if self.shared is not None:
-            self.shared.record(keys, Answers(identity.key, *answer_summary(probabilities)))
+        # Folded in with the queued requests: for the pools of the request that asked (or
+        # of the identity's latest one).
+        self._answers.append((identity.key, tracker, probabilities, tracker.pools))
+        if len(self._answers) >= INBOX:
+            self._flush_answers()
 
     def replay(self, key: str, observation: Observation | Answers) -> None:
         """Observe what another process observed of tracker ``key`` (an identity or a pool)."""
@@ -246,25 +366,23 @@ class ExtractionMonitor:
         rows = observation.rows
         # Centred on this process's mean, without moving it: each process's mean follows
         # the traffic it serves, and replayed rows are counted by the process that served them.
-        features = (
-            None if rows is None else rows - self._means[TEXT if observation.text else NUMERIC]
+        buckets = (
+            []
+            if rows is None
+            else self.buckets(rows - self._means[TEXT if observation.text else NUMERIC])
         )
-        buckets = None if features is None else self.buckets(features)
-        self._feed(tracker, observation, features, buckets, now)
+        self._feed(tracker, observation, buckets, now)
         if pool is not None:
             pool[1].count(observation.identity, observation.queries)
 
-    @staticmethod
     def _feed(
-        tracker: Tracker,
-        observation: Observation,
-        features: Matrix | None,
-        buckets: list[int] | None,
-        now: float,
+        self, tracker: Tracker, observation: Observation, buckets: list[int], now: float
     ) -> None:
+        """One request's observation (its rows as projected, not centred) for ``tracker``."""
         tracker.observe_request(observation.distribution, observation.logit_bias, now)
-        if features is not None and buckets is not None:
-            tracker.observe_queries(features, buckets, observation.digests, now)
+        if observation.rows is not None:
+            centre = self._means[TEXT if observation.text else NUMERIC]
+            tracker.observe_queries(observation.rows, buckets, observation.digests, now, centre)
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -302,14 +420,21 @@ class ExtractionMonitor:
 
     def _centre(self, rows: Matrix, index: int) -> Matrix:
         """The running mean of numeric or text features, or of embedding outputs (``index``:
-        :data:`NUMERIC`, :data:`TEXT`, :data:`OUTPUTS`), exact for the first 10,000 rows,
-        then a slow moving average, updated with ``rows``."""
+        :data:`NUMERIC`, :data:`TEXT`, :data:`OUTPUTS`), moved by ``rows``: exact for the
+        first :data:`MEAN_ROWS` rows, then a moving average of that span."""
         count = self._seen[index]
         mean = self._means[index]
-        for row in rows:
-            count += 1
-            mean += (row - mean) / min(count, 10_000)
-        self._seen[index] = count
+        n = len(rows)
+        exact = min(n, max(0, MEAN_ROWS - count))
+        if exact:
+            mean *= count / (count + exact)
+            mean += rows[:exact].sum(axis=0) / (count + exact)
+        rest = n - exact
+        if rest:  # each row moves the mean by 1/MEAN_ROWS of its distance from it
+            keep = 1.0 - 1.0 / MEAN_ROWS
+            mean *= keep**rest
+            mean += (keep ** np.arange(rest - 1, -1, -1) / MEAN_ROWS) @ rows[exact:]
+        self._seen[index] = count + n
         return mean
 
     def buckets(self, features: Matrix) -> list[int]:
@@ -369,6 +494,7 @@ class ExtractionMonitor:
         return risk, signals, scores
 
     def signals_of(self, key: str) -> dict[str, float] | None:
+        self.flush()
         tracker = self.identities.get(key)
         return None if tracker is None else tracker.signals()
 
@@ -423,3 +549,20 @@ class Members:
         if not self.total:
             return 0.0
         return min(1.0, self.counts.get(key, 0) / self.total * len(self.counts))
+
+
+def _stack(rows: list[Any]) -> Matrix:
+    """Row blocks as one matrix (the block itself when there is one)."""
+    return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+
+def _spread(
+    stacked: Matrix, group: list[int], out: list[Matrix | None], sizes: list[int] | None = None
+) -> None:
+    """``out[i]`` for each ``i`` of ``group``: its block of ``stacked``, in order (blocks of
+    ``sizes`` rows, else of as many rows as ``out[i]`` has)."""
+    start = 0
+    for n, i in enumerate(group):
+        stop = start + (len(out[i]) if sizes is None else sizes[n])  # type: ignore[arg-type]
+        out[i] = stacked[start:stop]
+        start = stop

@@ -191,6 +191,7 @@ class Tracker:
 
     __slots__ = (
         "_buckets",
+        "_centre",
         "_class_entropy",
         "_classes",
         "_classes_seen",
@@ -217,11 +218,13 @@ class Tracker:
         "config",
         "cursor",
         "first_seen",
+        "last",
         "last_seen",
         "logit_bias_tokens",
         "novelty",
         "prada_w",
         "queries",
+        "queued",
         "requests",
         "route",
         "scale",
@@ -257,6 +260,7 @@ class Tracker:
         self.scale = 0.0  # running typical distance between queries
         self._pending_flags: list[bool] = []
         self._pending_queries: list[tuple[Matrix, list[int], list[int]]] = []
+        self._centre: Matrix | None = None
         self._pending_rows = 0
         self._pending_answers: list[_Answers] = []
         self._pending_answer_rows = 0
@@ -265,6 +269,11 @@ class Tracker:
         ) = None
         """``(requests, risk, signals, scores, assessment)`` when last assessed (kept by the
         monitor, which builds the :class:`~.base.Assessment` once, when first asked)."""
+        self.last: Assessment | None = None
+        """The assessment the monitor last gave the identity (pools' attribution included),
+        what its requests get until it is assessed again."""
+        self.queued = 0
+        """The identity's requests waiting in the monitor's queue (not observed yet)."""
         self.route: tuple[Any, list[str]] | None = None
         """The network the identity's latest request came from, and the pools it fed (kept
         by the monitor: they change only with the network)."""
@@ -289,12 +298,25 @@ class Tracker:
             self.logit_bias_tokens.update(logit_bias)
 
     def observe_queries(
-        self, features: Matrix, buckets: list[int], digests: list[int], now: float
+        self,
+        features: Matrix,
+        buckets: list[int],
+        digests: list[int],
+        now: float,
+        centre: Matrix | None = None,
     ) -> None:
         """Feature rows of one request's queries, their SimHash buckets, and a digest of
-        each query's canonical form (to recognise a query asked again)."""
+        each query's canonical form (to recognise a query asked again).
+
+        ``centre`` is the running mean of the traffic's features (kept up to date by the
+        monitor). Distances (PRADA's, near-duplicates') do not depend on the origin and are
+        measured between the rows as given; cosines (novelty) are measured about the centre
+        as it is when the queued rows are folded in, for new and stored rows alike (the
+        centre moves; a stored row must not keep the one it had when it came)."""
         self.last_seen = now
         self.queries += len(buckets)
+        if centre is not None:
+            self._centre = centre
         self._pending_queries.append((features, buckets, digests))
         self._pending_rows += len(buckets)
         if self._pending_rows >= BATCH:
@@ -387,13 +409,19 @@ class Tracker:
             self._prada_steps(x[fresh], norms2[fresh])
 
     def _observe_history(self, x: NDArray[Any], norms2: NDArray[Any], repeats: list[bool]) -> None:
-        """Novelty, near-duplicates and the typical distance, against the stored history and
-        the batch's earlier queries."""
+        """Novelty (cosines about the centre), near-duplicates and the typical distance,
+        against the stored history and the batch's earlier queries."""
         config = self.config
         points, pn2 = self._history.stored()
         candidates = np.concatenate([points, x])
-        candidate_n2 = np.concatenate([pn2, norms2])
-        dots, distances2 = _distances2(x, norms2, candidates, candidate_n2)
+        distances2 = _distances2(x, norms2, candidates, np.concatenate([pn2, norms2]))[1]
+        if self._centre is not None:
+            centre = self._centre.astype(np.float32)
+            x = x - centre
+            candidates = candidates - centre
+            norms2 = np.einsum("ij,ij->i", x, x)
+        candidate_n2 = np.einsum("ij,ij->i", candidates, candidates)
+        dots = x @ candidates.T
         b, h = len(x), len(points)
         valid = np.empty(dots.shape, dtype=bool)
         # A query sees the batch's earlier queries and the history they have not replaced:
