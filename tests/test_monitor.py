@@ -652,3 +652,14 @@ def test_an_identity_gets_its_latest_assessment_until_it_is_due() -> None:
     changes = [i for i in range(1, len(seen)) if seen[i] is not seen[i - 1]]
     assert changes == [monitor.assess_every, 2 * monitor.assess_every]
     assert monitor.identities[who.key].requests == 2 * monitor.assess_every + 1
+
+
+def test_a_batch_that_adds_more_than_prada_keeps() -> None:
+    # A batch of 64 spread-out queries against a set of 16 points: every stored point is
+    # replaced within the batch (this used to index past the stored ones and raise).
+    config = TrackerConfig(prada_points=16)
+    rows = uniform_rows(64, np.random.default_rng(34))
+    first = tracker_after(rows[:20], config)
+    tracker = tracker_after(np.vstack([rows[:20], rows * 50]), config)
+    assert tracker._prada.filled == 16 and tracker.queries == 84
+    assert tracker._prada_distances.filled > first._prada_distances.filled

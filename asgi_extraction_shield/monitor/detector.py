@@ -164,7 +164,7 @@ class ExtractionMonitor:
         now = self.clock()
         own = self._tracker(identity.key, now)
         route = own.route
-        if route is not None and route[0] == identity.network:
+        if route is not None and (route[0] is identity.network or route[0] == identity.network):
             pools = route[1]  # the same network as last time: the same pools
         else:
             pools = self.pool_keys(identity, now)
@@ -197,19 +197,29 @@ class ExtractionMonitor:
         observations = self._observations(inbox)
         shared = self.shared
         entries: dict[str, tuple[Tracker, Members]] = {}  # each pool looked up once
+        batches: dict[int, tuple[Tracker, list[Observation], list[list[int]]]] = {}
+        now = inbox[-1][3]
         for (key, own, _, now, pools), observation, buckets in zip(
             inbox, observations, self._buckets_of(observations), strict=True
         ):
             own.queued = 0
-            self._feed(own, observation, buckets, now)
+            trackers = [own]
             for pool in pools:
                 entry = entries.get(pool)
                 if entry is None:
                     entry = entries[pool] = self._pool(pool, now)
-                self._feed(entry[0], observation, buckets, now)
+                trackers.append(entry[0])
                 entry[1].count(key, observation.queries)
+            for tracker in trackers:
+                batch = batches.get(id(tracker))
+                if batch is None:
+                    batch = batches[id(tracker)] = (tracker, [], [])
+                batch[1].append(observation)
+                batch[2].append(buckets)
             if shared is not None:
                 shared.record([key, *(p for p in pools if p != ALL)], observation)
+        for tracker, fed, fed_buckets in batches.values():  # each tracker's at once
+            self._feed(tracker, fed, fed_buckets, now)
 
     def _flush_answers(self) -> None:
         """Fold the queued answers into their identities' and pools' trackers, each
@@ -371,18 +381,38 @@ class ExtractionMonitor:
             if rows is None
             else self.buckets(rows - self._means[TEXT if observation.text else NUMERIC])
         )
-        self._feed(tracker, observation, buckets, now)
+        self._feed(tracker, [observation], [buckets], now)
         if pool is not None:
             pool[1].count(observation.identity, observation.queries)
 
     def _feed(
-        self, tracker: Tracker, observation: Observation, buckets: list[int], now: float
+        self,
+        tracker: Tracker,
+        observations: list[Observation],
+        buckets: list[list[int]],
+        now: float,
     ) -> None:
-        """One request's observation (its rows as projected, not centred) for ``tracker``."""
-        tracker.observe_request(observation.distribution, observation.logit_bias, now)
-        if observation.rows is not None:
-            centre = self._means[TEXT if observation.text else NUMERIC]
-            tracker.observe_queries(observation.rows, buckets, observation.digests, now, centre)
+        """Requests' observations (their rows as projected, not centred) for ``tracker``,
+        with each one's buckets: numeric queries at once, texts at once."""
+        tracker.observe_requests(
+            [o.distribution for o in observations],
+            [o.logit_bias for o in observations if o.logit_bias],
+            now,
+        )
+        for kind in (NUMERIC, TEXT):
+            chosen = [
+                i
+                for i, o in enumerate(observations)
+                if o.rows is not None and o.text is (kind == TEXT)
+            ]
+            if chosen:
+                tracker.observe_queries(
+                    _stack([observations[i].rows for i in chosen]),
+                    [b for i in chosen for b in buckets[i]],
+                    [d for i in chosen for d in observations[i].digests],
+                    now,
+                    self._means[kind],
+                )
 
     # -- pieces -----------------------------------------------------------------------------
 

@@ -135,6 +135,18 @@ class _Share:
         return self.count / self.ring.filled if self.ring.filled else 0.0
 
 
+class _Recent:
+    """The last :data:`PRADA_RECENT` PRADA distances, as Python floats: they are written one
+    at a time, in PRADA's sequential loop, where a numpy scalar costs more than the rest."""
+
+    __slots__ = ("filled", "position", "values")
+
+    def __init__(self) -> None:
+        self.values = [0.0] * PRADA_RECENT
+        self.filled = 0
+        self.position = 0
+
+
 class _Points:
     """A ring of vectors with their squared norms: distances and cosines in one product."""
 
@@ -253,7 +265,7 @@ class Tracker:
         self._prada = _Points(config.prada_points, dim)
         self._prada_threshold = 0.0
         self._prada_distances = _Ring(config.prada_distances, np.float32)
-        self._prada_recent = _Ring(PRADA_RECENT, np.float64)
+        self._prada_recent = _Recent()
         self._prada_sums = (0.0, 0.0)  # sum and sum of squares of the recent distances
         self._since_test = 0
         self.prada_w = 1.0
@@ -289,13 +301,22 @@ class Tracker:
     # -- observing -------------------------------------------------------------------------
 
     def observe_request(self, distribution: bool, logit_bias: tuple[str, ...], now: float) -> None:
-        self.requests += 1
+        self.observe_requests([distribution], [logit_bias] if logit_bias else [], now)
+
+    def observe_requests(
+        self, distribution: list[bool], logit_bias: list[tuple[str, ...]], now: float
+    ) -> None:
+        """Requests: whether each asked for full distributions, and the ``logit_bias``
+        token ids of those that pushed some."""
+        self.requests += len(distribution)
         self.last_seen = now
-        self._pending_flags.append(distribution)
+        self._pending_flags.extend(distribution)
         if len(self._pending_flags) >= self.config.window:
             self._flush_flags()
-        if logit_bias and len(self.logit_bias_tokens) < 100_000:
-            self.logit_bias_tokens.update(logit_bias)
+        for tokens in logit_bias:
+            if len(self.logit_bias_tokens) >= 100_000:
+                break
+            self.logit_bias_tokens.update(tokens)
 
     def observe_queries(
         self,
@@ -464,32 +485,47 @@ class Tracker:
         points, pn2 = prada.stored()
         # Squared distances to the set's rows from the oldest on, as suffix minima: with
         # ``e`` rows replaced by this batch's additions, the nearest is ``to_set[i][e]``.
-        to_set: list[list[float]] = [[math.inf]] * len(x)
+        filled = prada.filled
+        to_set = np.full((len(x), filled + 1), np.inf)
         if len(points):
             order = np.argsort(prada.ages())
             by_age = _distances2(x, norms2, points[order], pn2[order])[1]
-            suffix = np.minimum.accumulate(by_age[:, ::-1], axis=1)[:, ::-1]
-            to_set = np.concatenate([suffix, np.full((len(x), 1), np.inf)], axis=1).tolist()
-        within = _distances2(x, norms2, x, norms2)[1].tolist()
+            to_set[:, :-1] = np.minimum.accumulate(by_age[:, ::-1], axis=1)[:, ::-1]
+        within = _distances2(x, norms2, x, norms2)[1]
+        # Each query's smallest squared distance to the rows this batch has added so far
+        # (the last ``size`` of them: the set keeps no more), kept as rows are added.
+        to_added = np.full(len(x), np.inf)
         added: list[int] = []
         distances: list[float] = []
         size = len(prada.points)
         recent = self._prada_recent
+        values = recent.values
         total, squares = self._prada_sums
         for i in range(len(x)):
             if not len(points) and not added:
                 added.append(i)  # the first point starts the set
+                np.minimum(to_added, within[i], out=to_added)
                 continue
-            nearest = to_set[i][max(0, prada.filled + len(added) - size)]
-            d = math.sqrt(min([nearest, *(within[i][j] for j in added[-size:])]))
+            # Stored rows replaced by this batch's additions so far (all of them: none left).
+            nearest = to_set.item(i, min(filled, max(0, filled + len(added) - size)))
+            d = math.sqrt(min(nearest, to_added.item(i)))
             distances.append(d)
-            old = recent.push(d)
+            position = recent.position
+            old = values[position] if recent.filled == PRADA_RECENT else 0.0
+            values[position] = d
+            recent.position = position = (position + 1) % PRADA_RECENT
+            recent.filled = min(recent.filled + 1, PRADA_RECENT)
             total += d - old
             squares += d * d - old * old
-            if recent.position == 0:  # once per lap: exact sums, no drift
-                total, squares = float(recent.values.sum()), float(recent.values @ recent.values)
+            if position == 0:  # once per lap: exact sums, no drift
+                exact = np.asarray(values)
+                total, squares = float(exact.sum()), float(exact @ exact)
             if d > self._prada_threshold:
                 added.append(i)
+                if len(added) <= size:
+                    np.minimum(to_added, within[i], out=to_added)
+                else:
+                    to_added = within[added[-size:]].min(axis=0)
                 # T ← max(T, mean − std) of the recent distances (PRADA, Algorithm 1).
                 n = recent.filled
                 mean = total / n
