@@ -663,3 +663,15 @@ def test_a_batch_that_adds_more_than_prada_keeps() -> None:
     tracker = tracker_after(np.vstack([rows[:20], rows * 50]), config)
     assert tracker._prada.filled == 16 and tracker.queries == 84
     assert tracker._prada_distances.filled > first._prada_distances.filled
+
+
+def test_the_queue_is_bounded_by_queries_too() -> None:
+    monitor = ExtractionMonitor(KEY, {}, dim=16)
+    rng = np.random.default_rng(35)
+    # Two identities sending 100 queries a request: the queue is folded in at 1,024 queries,
+    # before either identity is due again (every 8 of its requests, 16 of the queue's).
+    for i in range(40):
+        who = identity(f"b{i % 2}", "192.0.2.1")
+        monitor.observe(who, ParsedRequest(parsed=True, features=rng.normal(size=(100, 8))))
+        assert monitor._inbox_queries < 1_024 and len(monitor._inbox) <= 10
+    assert monitor.identities[identity("b0", "192.0.2.1").key].queries >= 1_000

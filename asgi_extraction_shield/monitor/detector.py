@@ -64,6 +64,9 @@ its signals are measured over windows of a few hundred queries and move slowly b
 SETTLED_SLOWER = 4
 INBOX = 64
 """Queued requests that are folded into their trackers at once, at the latest."""
+INBOX_QUERIES = 1_024
+"""Queued queries (rows or texts) that are folded in at once, at the latest: what the queue
+holds stays bounded when requests carry large batches."""
 MEAN_ROWS = 10_000
 """Rows over which the running means are exact; a moving average of that span after."""
 _Queued = tuple[str, Tracker, ParsedRequest, float, list[str]]
@@ -127,6 +130,7 @@ class ExtractionMonitor:
         self.shared: SharedObservations | None = None
         """Where observations are shared with other processes (Redis), if anywhere."""
         self._inbox: list[_Queued] = []
+        self._inbox_queries = 0
         self._answers: list[tuple[str, Tracker, Matrix, list[str]]] = []
 
     # -- the Monitor protocol ---------------------------------------------------------------
@@ -174,6 +178,8 @@ class ExtractionMonitor:
         own.queued += 1
         inbox = self._inbox
         inbox.append((identity.key, own, request, now, pools))
+        features = request.features
+        self._inbox_queries += len(features) if features is not None else len(request.texts)
         cached, last = own.assessment, own.last
         every = self.assess_every if own.requests < SETTLED else SETTLED_SLOWER * self.assess_every
         if (
@@ -181,6 +187,7 @@ class ExtractionMonitor:
             or last is None
             or own.requests + own.queued - cached[0] >= every
             or len(inbox) >= INBOX
+            or self._inbox_queries >= INBOX_QUERIES
         ):
             self.flush()
             last = own.last = self._assessment(identity.key, pools)
@@ -192,6 +199,7 @@ class ExtractionMonitor:
         if self._answers:
             self._flush_answers()
         inbox, self._inbox = self._inbox, []
+        self._inbox_queries = 0
         if not inbox:
             return
         observations = self._observations(inbox)
