@@ -207,6 +207,9 @@ def numeric_rows(items: list[Any]) -> NDArray[np.float64] | None:
     return array.reshape(len(items), -1)
 
 
+_FLOATS = {float}
+
+
 def is_number(value: Any) -> bool:
     """A JSON number a float64 can hold (booleans and integers beyond ±1e308 are not)."""
     if isinstance(value, float):
@@ -235,7 +238,8 @@ def _few_probability_rows(value: list[Any], tolerance: float) -> NDArray[np.floa
         if not isinstance(row, list) or len(row) < 2 or (width is not None and len(row) != width):
             return None
         width = len(row)
-        if not all(type(v) is float or is_number(v) for v in row):
+        # A row of floats, what JSON answers hold, needs no check value by value.
+        if set(map(type, row)) != _FLOATS and not all(is_number(v) for v in row):
             return None
         if min(row) < 0 or not abs(sum(row) - 1.0) <= tolerance:
             return None
@@ -269,6 +273,9 @@ def write_like(original: list[Any], values: NDArray[np.float64]) -> list[Any]:
     value is still integral (JSON types unchanged)."""
     out: list[Any] = []
     for row_in, row_out in zip(original, values.tolist(), strict=True):
+        if len(row_in) == len(row_out) and set(map(type, row_in)) == _FLOATS:
+            out.append(row_out)  # floats stay floats: the common row needs no check per value
+            continue
         out.append(
             [
                 int(v) if isinstance(o, int) and float(v).is_integer() else float(v)

@@ -37,8 +37,21 @@ def round_simplex(p: Rows, decimals: int) -> Rows:
     """
     scale = 10.0**decimals
     scaled = p * scale
-    target = np.rint(scaled.sum(axis=1))
     plain = np.rint(scaled)
+    if (
+        scaled.size <= SMALL
+        and scaled.ndim == 2
+        and scaled.dtype == np.float64
+        and scaled.flags.c_contiguous
+    ):
+        small = _largest_remainders_small(scaled.tolist(), plain.tolist())
+        if small is not None:
+            moved, rows = small
+            if moved:
+                plain = np.array(rows, dtype=np.float64)
+            out: Rows = plain / scale
+            return out
+    target = np.rint(scaled.sum(axis=1))
     missing = target - plain.sum(axis=1)
     if not missing.any():  # the common case: plain rounding already keeps every sum
         rounded: Rows = plain / scale
@@ -55,8 +68,73 @@ def round_simplex(p: Rows, decimals: int) -> Rows:
         else:
             last = len(residue) - 1
             plain[i, last - np.argsort(residue[::-1], kind="stable")[:-units]] -= 1.0
-    out: Rows = plain / scale
-    return out
+    corrected: Rows = plain / scale
+    return corrected
+
+
+# Up to this many entries, :func:`round_simplex` sums rows and moves units on Python
+# floats: numpy's cost per call outweighs the arithmetic on one online answer (a row of
+# ten classes, say), so that path takes about half the time, a third where units move.
+SMALL = 64
+
+
+def _largest_remainders_small(
+    scaled: list[list[float]], plain: list[list[float]]
+) -> tuple[bool, list[list[float]]] | None:
+    """:func:`round_simplex`'s corrections of ``plain`` on Python floats, with the very
+    same float operations in the same order, so that the result is identical to the last
+    bit: the sums are numpy's (see :func:`_numpy_sum`) and the argsorts are stable sorts.
+    Whether a unit moved, and the rows; ``None`` where numpy must decide (NaN, infinities,
+    corrections larger than a row)."""
+    moved = False
+    for s, q in zip(scaled, plain, strict=True):
+        try:
+            missing = float(round(_numpy_sum(s))) - _numpy_sum(q)  # round() is np.rint here
+        except (ValueError, OverflowError):  # NaN or infinity
+            return None
+        if not missing:  # the common case: plain rounding already keeps the sum
+            continue
+        k = len(s)
+        if not -k <= missing <= k:
+            return None
+        moved = True
+        units = int(missing)
+        residue = [a - b for a, b in zip(s, q, strict=True)]
+        if units > 0:
+            for j in sorted(range(k), key=lambda j: -residue[j])[:units]:
+                q[j] += 1.0
+        else:
+            last = k - 1
+            for j in sorted(range(k), key=lambda j: residue[last - j])[:-units]:
+                q[last - j] -= 1.0
+    return moved, plain
+
+
+def _numpy_sum(row: list[float]) -> float:
+    """The float64 sum numpy's ``add.reduce`` gives a contiguous row of up to 128 values
+    (its pairwise summation below the block size): eight interleaved partial sums added
+    as a tree, then the tail, so that rounding errors fall exactly where numpy's do."""
+    n = len(row)
+    if n < 8:
+        total = 0.0
+        for v in row:
+            total += v
+        return total
+    r0, r1, r2, r3, r4, r5, r6, r7 = row[:8]
+    end = n - n % 8
+    for i in range(8, end, 8):
+        r0 += row[i]
+        r1 += row[i + 1]
+        r2 += row[i + 2]
+        r3 += row[i + 3]
+        r4 += row[i + 4]
+        r5 += row[i + 5]
+        r6 += row[i + 6]
+        r7 += row[i + 7]
+    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for v in row[end:]:
+        total += v
+    return total
 
 
 def round_values(x: Rows, decimals: int) -> Rows:
