@@ -100,6 +100,44 @@ def test_round_simplex_off_the_simplex_is_the_numpy_path(
         assert_same_bits(perturb.round_simplex(p, decimals), numpy_path(p, decimals))
 
 
+def numpy_reverse_sigmoid(p: np.ndarray, *args: Any) -> np.ndarray:
+    saved = perturb.SMALL
+    perturb.SMALL = -1
+    try:
+        return perturb.reverse_sigmoid(p, *args)
+    finally:
+        perturb.SMALL = saved
+
+
+@EXAMPLES
+@given(
+    p=small_matrices(),
+    beta=st.sampled_from([0.0, 0.5, 1.0, 2.0]) | st.floats(0, 4),
+    gamma=st.sampled_from([0.1, 0.2, 0.5, 1.0, 2.0]) | st.floats(0.01, 5),
+    guard=st.booleans(),
+)
+@example(p=np.array([[0.5, 0.5]]), beta=1.0, gamma=0.2, guard=True)  # a flat row
+@example(p=np.array([[-0.0, 1.0]]), beta=1.0, gamma=0.1, guard=False)
+def test_reverse_sigmoid_small_path_is_the_numpy_path(
+    p: np.ndarray, beta: float, gamma: float, guard: bool
+) -> None:
+    assert_same_bits(
+        perturb.reverse_sigmoid(p, beta, gamma, guard), numpy_reverse_sigmoid(p, beta, gamma, guard)
+    )
+
+
+def test_reverse_sigmoid_guard_restores_flipped_rows_on_both_paths() -> None:
+    # Rows whose top class reverse sigmoid moves (a near tie at the top, many classes).
+    p = np.random.default_rng(5).dirichlet(np.full(8, 0.2), size=8)
+    p[:, 1] = p[:, 0] * (1 - 1e-12)
+    p /= p.sum(axis=1, keepdims=True)
+    unguarded = perturb.reverse_sigmoid(p, 1.0, 0.5, False)
+    assert (unguarded.argmax(axis=1) != p.argmax(axis=1)).any()  # the guard has work to do
+    guarded = perturb.reverse_sigmoid(p, 1.0, 0.5, True)
+    np.testing.assert_array_equal(guarded.argmax(axis=1), p.argmax(axis=1))
+    assert_same_bits(guarded, numpy_reverse_sigmoid(p, 1.0, 0.5, True))
+
+
 @pytest.mark.parametrize("width", [1, 7, 8, 9, 16, 17, 64, 100, 128])
 def test_row_sums_are_numpy_sums(width: int) -> None:
     rng = np.random.default_rng(width)

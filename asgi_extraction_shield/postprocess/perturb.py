@@ -8,6 +8,8 @@ the same answer. None of them imports ASGI: they are reused by the verifier and 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -172,6 +174,16 @@ def reverse_sigmoid(
     γ = 0.1); with ``guard_top1`` the original top class and the new one swap values in
     such rows, which restores the top-1 label and keeps the row on the simplex.
     """
+    if (
+        p.size <= SMALL
+        and p.ndim == 2
+        and p.dtype == np.float64
+        and p.flags.c_contiguous
+        and beta != 0  # (then q = p, where numpy's SIMD max may give -0.0 another sign)
+    ):
+        small = _reverse_sigmoid_small(p.tolist(), beta, gamma, guard_top1)
+        if small is not None:
+            return np.array(small, dtype=np.float64).reshape(p.shape)
     pc = np.minimum(np.maximum(p, 1e-9), 1.0 - 1e-9)
     # σ(γ·logit(p)) = 1 / (1 + ((1 − p) / p)^γ): the same value in fewer array operations.
     r = beta * (1.0 / (1.0 + ((1.0 - pc) / pc) ** gamma) - 0.5)
@@ -199,6 +211,43 @@ def _restore_top1(p: Rows, q: Rows) -> None:
         top = before[tied]
         q[tied, top] = q[tied].max(axis=1) + 1e-9
         q[tied] /= q[tied].sum(axis=1, keepdims=True)
+
+
+def _reverse_sigmoid_small(
+    rows: list[list[float]], beta: float, gamma: float, guard_top1: bool
+) -> list[list[float]] | None:
+    """:func:`reverse_sigmoid` of one answer's rows on Python floats, with the same float
+    operations in the same order; only the power is numpy's (its SIMD ``pow`` is not the C
+    library's to the last bit). ``None`` for non-finite input: numpy then decides."""
+    try:
+        if not math.isfinite(math.fsum(v for row in rows for v in row)):
+            return None
+    except (OverflowError, ValueError):  # huge values, or inf - inf: numpy decides
+        return None
+    # Conditional expressions rather than min() and max(), several times faster; they pick
+    # what np.minimum and np.maximum pick (q is never a negative zero, as beta != 0).
+    low, high = 1e-9, 1.0 - 1e-9
+    ratios = []
+    for row in rows:
+        pc = [low if v < low else high if v > high else v for v in row]
+        ratios.append([(1.0 - c) / c for c in pc])
+    powers: list[list[float]] = (np.array(ratios, dtype=np.float64) ** gamma).tolist()
+    out = []
+    for row, x in zip(rows, powers, strict=True):
+        q = [v - beta * (1.0 / (1.0 + w) - 0.5) for v, w in zip(row, x, strict=True)]
+        q = [0.0 if v < 0.0 else 1.0 if v > 1.0 else v for v in q]
+        total = _numpy_sum(q) or 1.0  # renormalise: a row of zeros stays zeros
+        q = [v / total for v in q]
+        if guard_top1:  # _restore_top1, row by row
+            before, after = row.index(max(row)), q.index(max(q))
+            if before != after:
+                q[before], q[after] = q[after], q[before]
+                if q.index(max(q)) != before:
+                    q[before] = max(q) + 1e-9
+                    total = _numpy_sum(q)
+                    q = [v / total for v in q]
+        out.append(q)
+    return out
 
 
 def poison(p: Rows, seeds: Seeds, alpha: float = 0.5, epsilon: float = 0.5) -> Rows:
