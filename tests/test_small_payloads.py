@@ -1,7 +1,8 @@
-"""Small answers (the rows of one online request) take plain-Python paths where numpy's
-cost per call would dominate: rounding on the simplex, comparing rows, reading and writing
-probability rows. Each must give exactly what the general path gives, to the last bit and
-byte, so that answers do not change with the size of the batch they came in."""
+"""Small payloads (one online request and its answer) take plain-Python paths where
+numpy's cost per call would dominate: keying the query, rounding on the simplex, reverse
+sigmoid, comparing rows, reading and writing probability rows. Each must give exactly what
+the general path gives, to the last bit and byte, so that keys and answers do not change
+with the size of the batch they came in."""
 
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from asgi_extraction_shield import ExtractionShield
-from asgi_extraction_shield.formats.base import probability_rows, write_like
+from asgi_extraction_shield.formats import base
+from asgi_extraction_shield.formats.base import (
+    canonical_keys,
+    numeric_rows,
+    probability_rows,
+    write_like,
+)
 from asgi_extraction_shield.postprocess import chain, perturb
 
 from .conftest import SECRET, client
@@ -222,6 +229,43 @@ def test_write_like_rows_of_another_width_still_fail() -> None:
 )
 def test_probability_rows_checks_every_value(rows: list[list[Any]], accepted: bool) -> None:
     assert (probability_rows(rows) is not None) is accepted
+
+
+# -- the query's keys ------------------------------------------------------------------------
+
+query_numbers = (
+    st.floats(allow_nan=False, allow_infinity=False)  # beyond float32's range too
+    | st.floats(-1e-38, 1e-38)  # float32 subnormals
+    | st.integers(-(2**70), 2**70)
+    | st.booleans()
+    | st.sampled_from([0.1, -0.0, 3.4028235e38, 3.4028236e38, 16777217, "1.5"])
+)
+query_rows = st.integers(1, 8).flatmap(
+    lambda d: st.lists(
+        st.lists(query_numbers, min_size=d, max_size=d)
+        | st.lists(st.lists(query_numbers, min_size=1, max_size=1), min_size=d, max_size=d),
+        min_size=1,
+        max_size=base.FEW_ROWS + 1,
+    )
+)
+
+
+@EXAMPLES
+@given(items=query_rows)
+@example(items=[[1.0, 2.0], [[3.0], [4.0]]])  # flat and nested rows of one width
+@example(items=[[1e300, -1e300, 3.4028235e38]])  # beyond float32: inf, as numpy casts
+def test_keys_of_few_rows_are_the_numpy_keys(items: list[Any]) -> None:
+    features = numeric_rows(items)
+    keys = canonical_keys(items, features)
+    saved = base.FEW_ROWS
+    base.FEW_ROWS = 0
+    try:
+        assert keys == canonical_keys(items, features)
+    finally:
+        base.FEW_ROWS = saved
+    if features is not None:
+        with np.errstate(over="ignore"):
+            assert keys == [b"f32:" + row.astype(np.float32).tobytes() for row in features]
 
 
 # -- the whole answer, through the middleware -----------------------------------------------
