@@ -221,7 +221,7 @@ def _reverse_sigmoid_small(
     operations in the same order; only the power is numpy's (its SIMD ``pow`` is not the C
     library's to the last bit). ``None`` for non-finite input: numpy then decides."""
     try:
-        if not math.isfinite(math.fsum(v for row in rows for v in row)):
+        if not all(math.isfinite(math.fsum(row)) for row in rows):
             return None
     except (OverflowError, ValueError):  # huge values, or inf - inf: numpy decides
         return None
@@ -235,7 +235,7 @@ def _reverse_sigmoid_small(
     powers: list[list[float]] = (np.array(ratios, dtype=np.float64) ** gamma).tolist()
     out = []
     for row, x in zip(rows, powers, strict=True):
-        q = [v - beta * (1.0 / (1.0 + w) - 0.5) for v, w in zip(row, x, strict=True)]
+        q = [v - beta * (1.0 / (1.0 + w) - 0.5) for v, w in zip(row, x, strict=False)]
         q = [0.0 if v < 0.0 else 1.0 if v > 1.0 else v for v in q]
         total = _numpy_sum(q) or 1.0  # renormalise: a row of zeros stays zeros
         q = [v / total for v in q]
