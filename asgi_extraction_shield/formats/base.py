@@ -188,7 +188,7 @@ def _flat_float32_keys(items: list[Any], width: int) -> list[bytes] | None:
             return None
         try:
             keys.append(b"f32:" + array("f", item).tobytes())
-        except TypeError:  # a nested row
+        except (TypeError, OverflowError):  # a nested row (or an int no float holds)
             return None
     return keys
 
