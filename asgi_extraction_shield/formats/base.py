@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -159,13 +160,37 @@ def canonical_keys(items: list[Any], features: NDArray[np.float64] | None) -> li
     Numeric queries are what model APIs mostly receive, and float32 is what the model
     sees: keying by it is fast (no per-number formatting) and maps a value sent as
     float64, float32 or integer alike. Shapes are flattened, so a row sent nested or
-    flat is the same query.
+    flat is the same query. ``features`` is :func:`numeric_rows` of ``items``.
     """
     if features is not None and len(features) == len(items):
+        if len(items) <= FEW_ROWS:
+            keys = _flat_float32_keys(items, features.shape[1])
+            if keys is not None:
+                return keys
         with np.errstate(over="ignore"):  # beyond float32's range: inf, the same key
             rows = features.astype(np.float32)
         return [b"f32:" + row.tobytes() for row in rows]
     return [canonical(item) for item in items]
+
+
+FEW_ROWS = 4
+"""Up to this many flat rows, keys are packed by :mod:`array` rather than numpy."""
+
+
+def _flat_float32_keys(items: list[Any], width: int) -> list[bytes] | None:
+    """The keys of flat rows of numbers, without numpy: ``array("f")`` casts each value
+    to float32 as numpy's ``astype`` does (to nearest, inf beyond float32's range) and
+    needs no ``errstate``, which is most of numpy's cost for one online query. ``None``
+    for nested rows."""
+    keys = []
+    for item in items:
+        if type(item) is not list or len(item) != width:
+            return None
+        try:
+            keys.append(b"f32:" + array("f", item).tobytes())
+        except (TypeError, OverflowError):  # a nested row (or an int no float holds)
+            return None
+    return keys
 
 
 def _canonical_value(item: Any) -> Any:
@@ -207,6 +232,9 @@ def numeric_rows(items: list[Any]) -> NDArray[np.float64] | None:
     return array.reshape(len(items), -1)
 
 
+_FLOATS = {float}
+
+
 def is_number(value: Any) -> bool:
     """A JSON number a float64 can hold (booleans and integers beyond ±1e308 are not)."""
     if isinstance(value, float):
@@ -235,7 +263,8 @@ def _few_probability_rows(value: list[Any], tolerance: float) -> NDArray[np.floa
         if not isinstance(row, list) or len(row) < 2 or (width is not None and len(row) != width):
             return None
         width = len(row)
-        if not all(type(v) is float or is_number(v) for v in row):
+        # A row of floats, what JSON answers hold, needs no check value by value.
+        if set(map(type, row)) != _FLOATS and not all(is_number(v) for v in row):
             return None
         if min(row) < 0 or not abs(sum(row) - 1.0) <= tolerance:
             return None
@@ -269,6 +298,9 @@ def write_like(original: list[Any], values: NDArray[np.float64]) -> list[Any]:
     value is still integral (JSON types unchanged)."""
     out: list[Any] = []
     for row_in, row_out in zip(original, values.tolist(), strict=True):
+        if len(row_in) == len(row_out) and set(map(type, row_in)) == _FLOATS:
+            out.append(row_out)  # floats stay floats: the common row needs no check per value
+            continue
         out.append(
             [
                 int(v) if isinstance(o, int) and float(v).is_integer() else float(v)
