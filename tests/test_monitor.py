@@ -675,3 +675,24 @@ def test_the_queue_is_bounded_by_queries_too() -> None:
         monitor.observe(who, ParsedRequest(parsed=True, features=rng.normal(size=(100, 8))))
         assert monitor._inbox_queries < 1_024 and len(monitor._inbox) <= 10
     assert monitor.identities[identity("b0", "192.0.2.1").key].queries >= 1_000
+
+
+def test_a_request_that_cannot_be_observed_costs_no_one_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monitor = ExtractionMonitor(KEY, {}, dim=16, pools=("net",))
+    rng = np.random.default_rng(36)
+    good, odd = identity("good", "192.0.2.1"), identity("odd", "192.0.2.2")
+    monitor.observe(good, ParsedRequest(parsed=True, features=rng.normal(size=(1, 8))))
+    monitor.observe(odd, ParsedRequest(parsed=True, features=rng.normal(size=(1, 8))))
+    # A request whose features are not numbers (no adapter makes one; a custom one might),
+    # queued with others, then folded in by another identity's request.
+    broken = np.array([["x"] * 8], dtype=object)
+    monitor.observe(odd, ParsedRequest(parsed=True, features=broken))
+    for _ in range(2 * monitor.assess_every):
+        monitor.observe(good, ParsedRequest(parsed=True, features=rng.normal(size=(1, 8))))
+    monitor.flush()
+    assert monitor.identities[good.key].queries == 1 + 2 * monitor.assess_every
+    assert monitor.identities[odd.key].queries == 1 and monitor.identities[odd.key].queued == 0
+    assert monitor.pools["net:192.0.2.0/24"][0].queries == 2 + 2 * monitor.assess_every
+    assert "could not observe" in caplog.text

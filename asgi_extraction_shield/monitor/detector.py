@@ -32,6 +32,7 @@ per query stays a few array operations.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -50,6 +51,7 @@ from .observation import Answers, Observation, SharedObservations
 from .risk import SignalRule, risk_of
 from .tracker import Tracker, TrackerConfig, answer_summary
 
+logger = logging.getLogger("asgi_extraction_shield")
 Matrix = NDArray[np.float64]
 ALL = "all:"
 POOL_KINDS = ("net:", "cohort:", ALL)
@@ -202,7 +204,14 @@ class ExtractionMonitor:
         self._inbox_queries = 0
         if not inbox:
             return
-        observations = self._observations(inbox)
+        for queued in inbox:
+            queued[1].queued = 0
+        try:
+            observations = self._observations(inbox)
+        except Exception:
+            inbox, observations = self._one_by_one(inbox)
+            if not inbox:
+                return
         shared = self.shared
         entries: dict[str, tuple[Tracker, Members]] = {}  # each pool looked up once
         batches: dict[int, tuple[Tracker, list[Observation], list[list[int]]]] = {}
@@ -210,7 +219,6 @@ class ExtractionMonitor:
         for (key, own, _, now, pools), observation, buckets in zip(
             inbox, observations, self._buckets_of(observations), strict=True
         ):
-            own.queued = 0
             trackers = [own]
             for pool in pools:
                 entry = entries.get(pool)
@@ -228,6 +236,21 @@ class ExtractionMonitor:
                 shared.record([key, *(p for p in pools if p != ALL)], observation)
         for tracker, fed, fed_buckets in batches.values():  # each tracker's at once
             self._feed(tracker, fed, fed_buckets, now)
+
+    def _one_by_one(self, inbox: list[_Queued]) -> tuple[list[_Queued], list[Observation]]:
+        """The queue's observations request by request, without those that cannot be
+        observed: one malformed request must neither cost the others their observation nor
+        fail the request that happened to fold the queue in."""
+        kept: list[_Queued] = []
+        observations: list[Observation] = []
+        for entry in inbox:
+            try:
+                observations.extend(self._observations([entry]))
+            except Exception:
+                logger.warning("the monitor skipped a request it could not observe", exc_info=True)
+                continue
+            kept.append(entry)
+        return kept, observations
 
     def _flush_answers(self) -> None:
         """Fold the queued answers into their identities' and pools' trackers, each
