@@ -696,3 +696,61 @@ def test_a_request_that_cannot_be_observed_costs_no_one_else(
     assert monitor.identities[odd.key].queries == 1 and monitor.identities[odd.key].queued == 0
     assert monitor.pools["net:192.0.2.0/24"][0].queries == 2 + 2 * monitor.assess_every
     assert "could not observe" in caplog.text
+
+
+def stepping_rows(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Boundary probing: each query a tiny step from the one before (a line search)."""
+    start = CENTERS[rng.integers(10)] + rng.normal(size=64)
+    direction = rng.normal(size=64)
+    return start + 0.01 * np.arange(n)[:, None] * direction
+
+
+def test_pooled_near_duplicates_fall_on_those_who_asked_them() -> None:
+    # Eight probers share a /24 with a busy benign user: each prober's line search is
+    # spread over the pool, and the pool sees the near-duplicates; the user asked none.
+    monitor = ExtractionMonitor(
+        KEY, {"near_duplicates": SignalRule(0.2, 0.6)}, dim=32, min_queries=50, pools=("net",)
+    )
+    rng = np.random.default_rng(37)
+    probers = [identity(f"p{i}", f"203.0.113.{i + 10}") for i in range(8)]
+    user = identity("user", "203.0.113.200")
+    lines = [stepping_rows(40, rng) for _ in probers]
+    busy = benign_rows(400, rng)
+    for step in range(40):
+        for prober, line in zip(probers, lines, strict=True):
+            monitor.observe(prober, ParsedRequest(parsed=True, features=line[step : step + 1]))
+        for row in busy[step * 10 : step * 10 + 10]:
+            last = monitor.observe(user, ParsedRequest(parsed=True, features=row[None, :]))
+    monitor.flush()
+    ((tracker, members),) = monitor.pools.values()
+    assert tracker.signals()["near_duplicates"] > 0.3
+    assert members.near_total > 200 and set(members.near) <= {p.key for p in probers}
+    assert members.near_ratio(user.key) == 0.0 and members.share_ratio(user.key) == 1.0
+    # The busiest member of a probing pool is not a prober: it gets nothing of that score.
+    assert last.risk == 0.0
+    prober = monitor.observe(probers[0], ParsedRequest(parsed=True, features=lines[0][:1]))
+    assert prober.risk > 0.3 and "pool_risk" in prober.signals
+
+
+def test_attribution_of_a_pools_scores() -> None:
+    members = Members(10)
+    members.count("a", 30)
+    members.count("b", 10)
+    for _ in range(5):
+        members.count_near("b")
+    members.count_near("stranger")  # not a member: not counted
+    assert members.near == {"b": 5} and members.near_ratio("b") == 1.0
+    assert members.near_ratio("a") == 0.0 and members.share_ratio("b") == pytest.approx(0.5)
+    from asgi_extraction_shield.monitor.detector import _attributed
+
+    # Without near-duplicates: the pool's risk times the share, as before.
+    assert _attributed(0.6, {"prada_w": 0.6}, members, "b") == pytest.approx(0.3)
+    # Near-duplicates go by the share of near-duplicates, the rest by the share of queries.
+    scores = {"prada_w": 0.5, "near_duplicates": 0.6}
+    assert _attributed(0.8, scores, members, "a") == pytest.approx(0.5)
+    assert _attributed(0.8, scores, members, "b") == pytest.approx(1 - (1 - 0.25) * (1 - 0.6))
+    small = Members(1)
+    small.count("b", 1)
+    small.count_near("b")
+    small.count("c", 5)  # "b" leaves, with its near-duplicates
+    assert small.near == {} and small.near_total == 0

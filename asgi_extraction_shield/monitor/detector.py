@@ -6,10 +6,13 @@ belongs to: its IP prefix (/24, /48 by default) and its cohort (identities first
 the same time window). A sybil attacker who splits an extraction over many keys stays
 under every per-identity threshold, but the keys share a prefix or were created together,
 and their pool shows the signature (together they cover the space; benign users of one app
-overlap). Only signals of how queries are made count for a pool (PRADA's distances, answers
-on decision boundaries, distribution requests): what a pool covers reflects how many
-different users it has, not extraction. A pool's risk is attributed to its members in
-proportion to what they fed it: a member with at least an average share gets it in full.
+overlap). Only signals of how queries are made count for a pool (PRADA's distances,
+near-duplicates, answers on decision boundaries, distribution requests): what a pool covers
+reflects how many different users it has, not extraction. A pool's risk is attributed to its
+members in proportion to what they fed it: a member with at least an average share gets it
+in full. The near-duplicates' score goes by each member's share of the pool's
+near-duplicates instead: a line search split over many keys shows in the pool, and only
+the keys that stepped get it, not the busy honest member of the same NAT.
 
 Tables are bounded LRU caches: evicting a tracker forgets detection history, never a
 penalty (levels and blocks live in the policy's own protected table).
@@ -20,9 +23,7 @@ centring and hashing a queue is a few array operations whatever its length, wher
 request at a time paid them all per request; until then a request gets its identity's
 latest assessment, which is what it would get anyway between two assessments.
 
-Cost: a pool's tracker keeps no history of recent queries (novelty and near-duplicates are
-per identity; coverage, entropy, PRADA and request shares are pooled), and each tracker's
-risk is re-assessed every ``assess_every`` requests (8) rather than at each one (every 4 ×
+Cost: each tracker's risk is re-assessed every ``assess_every`` requests (8) rather than at each one (every 4 ×
 that after an identity's first 256 requests, when its windowed signals move slowly), a
 pool's every ``pool_assess_every`` (64: a pool's risk moves slowly, and its queued queries
 are folded in whole batches): a level can rise up to that many requests late, and the work
@@ -35,7 +36,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -56,7 +56,9 @@ Matrix = NDArray[np.float64]
 ALL = "all:"
 POOL_KINDS = ("net:", "cohort:", ALL)
 """How pool keys begin (identity keys never do: they begin with their source)."""
-POOL_SIGNALS = frozenset({"prada_w", "low_margin", "distribution_requests", "logit_bias_tokens"})
+POOL_SIGNALS = frozenset(
+    {"prada_w", "near_duplicates", "low_margin", "distribution_requests", "logit_bias_tokens"}
+)
 """Signals that count for pools (see ``pool_rules``)."""
 NUMERIC, TEXT, OUTPUTS = 0, 1, 2
 """What a running mean of features is of (see ``ExtractionMonitor._centre``)."""
@@ -102,7 +104,7 @@ class ExtractionMonitor:
         self.featurizer = Featurizer(key, dim)
         rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
         self.config = config or TrackerConfig()
-        self.pool_config = replace(self.config, history=0)
+        self.pool_config = self.config
         self.assess_every = assess_every
         self.pool_assess_every = pool_assess_every
         self.dim = dim
@@ -349,7 +351,7 @@ class ExtractionMonitor:
             pool_risk, pool_signals, pool_scores = self._assess(
                 tracker, self.pool_assess_every, self.pool_rules
             )
-            attributed = pool_risk * members.share_ratio(key)
+            attributed = _attributed(pool_risk, pool_scores, members, key)
             if attributed > risk:
                 risk = attributed
                 signals = {
@@ -430,6 +432,7 @@ class ExtractionMonitor:
             [o.logit_bias for o in observations if o.logit_bias],
             now,
         )
+        pooled = tracker.on_near is not None  # a pool's: who asked each query
         for kind in (NUMERIC, TEXT):
             chosen = [
                 i
@@ -443,6 +446,9 @@ class ExtractionMonitor:
                     [d for i in chosen for d in observations[i].digests],
                     now,
                     self._means[kind],
+                    [observations[i].identity for i in chosen for _ in observations[i].digests]
+                    if pooled
+                    else None,
                 )
 
     # -- pieces -----------------------------------------------------------------------------
@@ -536,10 +542,9 @@ class ExtractionMonitor:
     def _pool(self, key: str, now: float) -> tuple[Tracker, Members]:
         entry = self.pools.get(key)
         if entry is None:
-            entry = self.pools[key] = (
-                Tracker(self.pool_config, self.dim, now),
-                Members(self.max_members),
-            )
+            tracker, members = Tracker(self.pool_config, self.dim, now), Members(self.max_members)
+            tracker.on_near = members.count_near
+            entry = self.pools[key] = (tracker, members)
         return entry
 
     def _assess(
@@ -586,30 +591,63 @@ def _digests(request: ParsedRequest, rows: Matrix | None) -> list[int]:
     ]
 
 
+def _attributed(pool_risk: float, scores: Mapping[str, float], members: Members, key: str) -> float:
+    """A pool's risk attributed to member ``key``: in proportion to its share of the pool's
+    queries, except the near-duplicates' score, in proportion to its share of the pool's
+    near-duplicates (members who asked none are not probing, however much they asked)."""
+    near = scores.get("near_duplicates", 0.0)
+    if not near:
+        return pool_risk * members.share_ratio(key)
+    keep = 1.0
+    for name, score in scores.items():
+        if name != "near_duplicates":
+            keep *= 1.0 - score
+    others = (1.0 - keep) * members.share_ratio(key)
+    return 1.0 - (1.0 - others) * (1.0 - near * members.near_ratio(key))
+
+
 class Members:
     """Queries per member of a pool (at most ``limit`` members: the one with the fewest
-    goes first) and their total, kept as they change."""
+    goes first) and their total, kept as they change; and likewise the near-duplicate
+    queries each member asked."""
 
-    __slots__ = ("counts", "limit", "total")
+    __slots__ = ("counts", "limit", "near", "near_total", "total")
 
     def __init__(self, limit: int) -> None:
         self.counts: dict[str, int] = {}
         self.limit = limit
         self.total = 0
+        self.near: dict[str, int] = {}
+        self.near_total = 0
 
     def count(self, key: str, queries: int) -> None:
         counts = self.counts
         if key not in counts and len(counts) >= self.limit:
             smallest = min(counts, key=counts.__getitem__)
             self.total -= counts.pop(smallest)
+            self.near_total -= self.near.pop(smallest, 0)
         counts[key] = counts.get(key, 0) + queries
         self.total += queries
+
+    def count_near(self, key: str) -> None:
+        """One near-duplicate query of member ``key`` (of members only: the table stays
+        bounded by theirs)."""
+        if key in self.counts:
+            self.near[key] = self.near.get(key, 0) + 1
+            self.near_total += 1
 
     def share_ratio(self, key: str) -> float:
         """The member's share of the pool's queries relative to an even share, capped at 1."""
         if not self.total:
             return 0.0
         return min(1.0, self.counts.get(key, 0) / self.total * len(self.counts))
+
+    def near_ratio(self, key: str) -> float:
+        """The member's share of the pool's near-duplicates relative to an even share (among
+        all members), capped at 1."""
+        if not self.near_total:
+            return 0.0
+        return min(1.0, self.near.get(key, 0) / self.near_total * len(self.counts))
 
 
 def _stack(rows: list[Any]) -> Matrix:

@@ -28,6 +28,7 @@ Signals (each a plain number, see :meth:`Tracker.signals`):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,6 +235,7 @@ class Tracker:
         "last_seen",
         "logit_bias_tokens",
         "novelty",
+        "on_near",
         "prada_w",
         "queries",
         "queued",
@@ -271,7 +273,7 @@ class Tracker:
         self.prada_w = 1.0
         self.scale = 0.0  # running typical distance between queries
         self._pending_flags: list[bool] = []
-        self._pending_queries: list[tuple[Matrix, list[int], list[int]]] = []
+        self._pending_queries: list[tuple[Matrix, list[int], list[int], list[str] | None]] = []
         self._centre: Matrix | None = None
         self._pending_rows = 0
         self._pending_answers: list[_Answers] = []
@@ -289,6 +291,9 @@ class Tracker:
         self.route: tuple[Any, list[str]] | None = None
         """The network the identity's latest request came from, and the pools it fed (kept
         by the monitor: they change only with the network)."""
+        self.on_near: Callable[[str], None] | None = None
+        """Told who asked each near-duplicate query (a pool's tracker: its members' shares
+        of the pool's near-duplicates), given queries with their askers."""
         self.cursor: bytes | None = None
         """How far this tracker has read the observations other processes shared (their
         log's last entry id read), ``None`` before the first read."""
@@ -325,6 +330,7 @@ class Tracker:
         digests: list[int],
         now: float,
         centre: Matrix | None = None,
+        askers: list[str] | None = None,
     ) -> None:
         """Feature rows of one request's queries, their SimHash buckets, and a digest of
         each query's canonical form (to recognise a query asked again).
@@ -333,12 +339,13 @@ class Tracker:
         monitor). Distances (PRADA's, near-duplicates') do not depend on the origin and are
         measured between the rows as given; cosines (novelty) are measured about the centre
         as it is when the queued rows are folded in, for new and stored rows alike (the
-        centre moves; a stored row must not keep the one it had when it came)."""
+        centre moves; a stored row must not keep the one it had when it came). ``askers``
+        names who asked each query, for :attr:`on_near`."""
         self.last_seen = now
         self.queries += len(buckets)
         if centre is not None:
             self._centre = centre
-        self._pending_queries.append((features, buckets, digests))
+        self._pending_queries.append((features, buckets, digests, askers))
         self._pending_rows += len(buckets)
         if self._pending_rows >= BATCH:
             self._flush_queries()
@@ -399,17 +406,32 @@ class Tracker:
     def _flush_queries(self) -> None:
         pending, self._pending_queries = self._pending_queries, []
         self._pending_rows = 0
+        askers: list[str] | None
         if len(pending) == 1:
-            features, buckets, digests = pending[0]
+            features, buckets, digests, askers = pending[0]
         else:
             features = np.concatenate([p[0] for p in pending])
             buckets = [b for p in pending for b in p[1]]
             digests = [d for p in pending for d in p[2]]
+            askers = None
+            if any(p[3] is not None for p in pending):
+                askers = [a for p in pending for a in (p[3] or [""] * len(p[1]))]
         for start in range(0, len(digests), BATCH):
             stop = start + BATCH
-            self._observe_batch(features[start:stop], buckets[start:stop], digests[start:stop])
+            self._observe_batch(
+                features[start:stop],
+                buckets[start:stop],
+                digests[start:stop],
+                None if askers is None else askers[start:stop],
+            )
 
-    def _observe_batch(self, features: Matrix, buckets: list[int], digests: list[int]) -> None:
+    def _observe_batch(
+        self,
+        features: Matrix,
+        buckets: list[int],
+        digests: list[int],
+        askers: list[str] | None = None,
+    ) -> None:
         x = features.astype(np.float32)
         norms2 = np.einsum("ij,ij->i", x, x)
         # Benign clients ask the same query again; that says nothing of how their queries
@@ -421,7 +443,7 @@ class Tracker:
             seen.add(digest)
         self._digests.extend(digests)
         if self.config.history:
-            self._observe_history(x, norms2, repeats)
+            self._observe_history(x, norms2, repeats, askers)
             self._history.extend(x, norms2)
         self._buckets.extend(buckets)
         self._entropy = None
@@ -429,7 +451,13 @@ class Tracker:
         if fresh:
             self._prada_steps(x[fresh], norms2[fresh])
 
-    def _observe_history(self, x: NDArray[Any], norms2: NDArray[Any], repeats: list[bool]) -> None:
+    def _observe_history(
+        self,
+        x: NDArray[Any],
+        norms2: NDArray[Any],
+        repeats: list[bool],
+        askers: list[str] | None = None,
+    ) -> None:
         """Novelty (cosines about the centre), near-duplicates and the typical distance,
         against the stored history and the batch's earlier queries."""
         config = self.config
@@ -476,6 +504,8 @@ class Tracker:
                 d2 = nearest2[i]
                 radius = config.near_duplicate_radius * self.scale
                 near.append(d2 > 1e-9 * (float(norms2[i]) + 1e-12) and math.sqrt(d2) < radius)
+                if near[-1] and askers is not None and self.on_near is not None:
+                    self.on_near(askers[i])
         self._near.extend(near)
 
     def _prada_steps(self, x: NDArray[Any], norms2: NDArray[Any]) -> None:

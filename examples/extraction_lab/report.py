@@ -325,7 +325,8 @@ def _pools(result: LabResult) -> list[str]:
         "the whole run. A pool's risk counts "
         + ", ".join(f"`{n}`" for n in _pool_rules(result))
         + "; it is attributed to a member in proportion to its share of the pool's queries "
-        "(in full from an average share up).",
+        "(in full from an average share up), the `near_duplicates` score in proportion to "
+        "its share of the pool's near-duplicates.",
         "",
         "| world | pool | members | queries | risk | "
         + " | ".join(f"*{c}* (lab)" if c not in rules else c for c in columns)
