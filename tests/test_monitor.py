@@ -754,3 +754,18 @@ def test_attribution_of_a_pools_scores() -> None:
     small.count_near("b")
     small.count("c", 5)  # "b" leaves, with its near-duplicates
     assert small.near == {} and small.near_total == 0
+
+
+@pytest.mark.parametrize("start", [0.0, 0.7])
+def test_moving_average_is_the_stepwise_one(start: float) -> None:
+    from asgi_extraction_shield.monitor.tracker import _moving_average
+
+    values = np.random.default_rng(38).uniform(0, 3, size=64)
+    values[:3] = 0.0  # a zero average is set by the first non-zero value, not moved
+    for zero_starts in (False, True):
+        s, expected = start, []
+        for v in values:
+            s = v if zero_starts and s == 0 else s + 0.05 * (v - s)
+            expected.append(s)
+        got = _moving_average(start, values, 0.05, zero_starts=zero_starts)
+        assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)

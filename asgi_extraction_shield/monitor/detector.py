@@ -36,6 +36,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -104,7 +105,7 @@ class ExtractionMonitor:
         self.featurizer = Featurizer(key, dim)
         rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
         self.config = config or TrackerConfig()
-        self.pool_config = self.config
+        self.pool_config = replace(self.config, novelty=False)
         self.assess_every = assess_every
         self.pool_assess_every = pool_assess_every
         self.dim = dim

@@ -68,6 +68,8 @@ class TrackerConfig:
     """Queries (or requests, or answers) over which shares and coverage are measured."""
     novelty_rate: float = 0.05
     """Weight of each new query in the novelty moving average."""
+    novelty: bool = True
+    """Measure novelty (cosines to the history); pools do not, it is not a pool signal."""
     repeats: int = 256
     """Recent queries remembered (as 64-bit digests) to recognise a query asked again."""
 
@@ -464,24 +466,50 @@ class Tracker:
         points, pn2 = self._history.stored()
         candidates = np.concatenate([points, x])
         distances2 = _distances2(x, norms2, candidates, np.concatenate([pn2, norms2]))[1]
-        if self._centre is not None:
-            centre = self._centre.astype(np.float32)
-            x = x - centre
-            candidates = candidates - centre
-            norms2 = np.einsum("ij,ij->i", x, x)
-        candidate_n2 = np.einsum("ij,ij->i", candidates, candidates)
-        dots = x @ candidates.T
         b, h = len(x), len(points)
-        valid = np.empty(dots.shape, dtype=bool)
+        valid = np.empty(distances2.shape, dtype=bool)
         # A query sees the batch's earlier queries and the history they have not replaced:
         # exactly what it would have seen, observed alone.
         replaced = self._history.replaced_before(np.arange(b))
         valid[:, :h] = self._history.ages()[None, :] >= np.asarray(replaced)[:, None]
         size = len(self._history.points)
         valid[:, h:] = np.tri(b, b, -1, dtype=bool) & ~np.tri(b, b, -size - 1, dtype=bool)
-        counts = valid.sum(axis=1).tolist()
-        nearest2 = np.where(valid, distances2, np.inf).min(axis=1).tolist()
+        counts = valid.sum(axis=1)
+        seen = counts > 0  # the very first query has nothing to be compared with
+        fresh = seen & ~np.asarray(repeats, dtype=bool)
+        if config.novelty and fresh.any():
+            similarity = self._similarity(x, norms2, candidates, valid)
+            self.novelty = float(
+                _moving_average(self.novelty, 1.0 - similarity[fresh], config.novelty_rate)[-1]
+            )
+        # The typical (root-mean-square) distance, and the scale it moves after each query.
         typical = np.sqrt(np.where(valid, distances2, 0.0).sum(axis=1) / np.maximum(counts, 1))
+        scales = np.zeros(b)
+        if seen.any():
+            scales[seen] = _moving_average(self.scale, typical[seen], 0.05, zero_starts=True)
+            self.scale = float(scales[seen][-1])
+        # Near, but not the same query again: boundary probing steps a little away from
+        # earlier queries.
+        nearest2 = np.where(valid[fresh], distances2[fresh], np.inf).min(axis=1)
+        near = (nearest2 > 1e-9 * (norms2[fresh] + 1e-12)) & (
+            np.sqrt(nearest2) < config.near_duplicate_radius * scales[fresh]
+        )
+        if askers is not None and self.on_near is not None and near.any():
+            for i in np.flatnonzero(fresh)[near].tolist():
+                self.on_near(askers[i])
+        self._near.extend(near)
+
+    def _similarity(
+        self, x: NDArray[Any], norms2: NDArray[Any], candidates: NDArray[Any], valid: NDArray[Any]
+    ) -> NDArray[Any]:
+        """Each query's highest cosine similarity to the candidates it may see, about the
+        centre (the running mean of the traffic, when the monitor keeps one)."""
+        if self._centre is not None:
+            centre = self._centre.astype(np.float32)
+            x = x - centre
+            candidates = candidates - centre
+            norms2 = np.einsum("ij,ij->i", x, x)
+        candidate_n2 = np.einsum("ij,ij->i", candidates, candidates)
         # Cosines of vectors near the centre are noise: floor the norms at a small fraction
         # of the typical distance.
         floor = np.float32((1e-3 * self.scale) ** 2)
@@ -489,24 +517,10 @@ class Tracker:
             np.maximum(candidate_n2, floor)[None, :] * np.maximum(norms2, floor)[:, None]
         )
         denominators[denominators == 0] = 1.0
-        similarity = np.where(valid, dots / denominators, -np.inf).max(axis=1).tolist()
-        near = []
-        for i, repeat in enumerate(repeats):
-            if not counts[i]:
-                continue
-            if not repeat:
-                self.novelty += config.novelty_rate * ((1.0 - similarity[i]) - self.novelty)
-            t = float(typical[i])  # root-mean-square distance
-            self.scale = t if self.scale == 0 else self.scale + 0.05 * (t - self.scale)
-            # Near, but not the same query again: boundary probing steps a little away
-            # from earlier queries.
-            if not repeat:
-                d2 = nearest2[i]
-                radius = config.near_duplicate_radius * self.scale
-                near.append(d2 > 1e-9 * (float(norms2[i]) + 1e-12) and math.sqrt(d2) < radius)
-                if near[-1] and askers is not None and self.on_near is not None:
-                    self.on_near(askers[i])
-        self._near.extend(near)
+        similarity: NDArray[Any] = np.where(valid, (x @ candidates.T) / denominators, -np.inf).max(
+            axis=1
+        )
+        return similarity
 
     def _prada_steps(self, x: NDArray[Any], norms2: NDArray[Any]) -> None:
         """PRADA: grow the set, record min distances, test their normality every few queries."""
@@ -672,6 +686,30 @@ def answer_summary(probabilities: Matrix) -> Summary:
     margins = np.abs(top2[:, 1] - top2[:, 0])
     labels = np.argmax(probabilities, axis=1).astype(np.int32)
     return margins, labels, int(probabilities.shape[1])
+
+
+def _moving_average(
+    start: float, values: NDArray[Any], rate: float, *, zero_starts: bool = False
+) -> NDArray[np.float64]:
+    """The exponential moving average after each of ``values``: ``s ← s + rate (v − s)``
+    from ``s = start``, in closed form (a batch is at most :data:`BATCH` values, so the
+    weights stay well within range). With ``zero_starts``, a zero average is not moved
+    but set: it takes the first non-zero value as it is."""
+    values = np.asarray(values, dtype=np.float64)
+    out = np.zeros(len(values))
+    if zero_starts and start == 0:
+        nonzero = np.flatnonzero(values)
+        if not len(nonzero):
+            return out
+        first = int(nonzero[0])
+        out[first:] = _moving_average(float(values[first]), values[first:], rate)
+        return out
+    keep = 1.0 - rate
+    steps = np.arange(1, len(values) + 1)
+    average: NDArray[np.float64] = keep**steps * (
+        start + rate * np.cumsum(values * keep ** (-steps.astype(np.float64)))
+    )
+    return average
 
 
 def _prada_statistic(distances: Matrix) -> float:
