@@ -165,10 +165,17 @@ class _Points:
     def extend(self, x: NDArray[Any], norms2: NDArray[Any]) -> None:
         """Store the rows of ``x`` (with their squared norms), oldest first."""
         size = len(self.points)
-        for start in range(max(0, len(x) - size), len(x)):
-            self.points[self.position] = x[start]
-            self.norms2[self.position] = norms2[start]
-            self.position = (self.position + 1) % size
+        n = min(len(x), size)  # only the last ``size`` rows stay
+        if not n:
+            return
+        x, norms2 = x[len(x) - n :], norms2[len(x) - n :]
+        # The ring's slots from ``position`` on, wrapping round: two slices at most.
+        first = min(n, size - self.position)
+        self.points[self.position : self.position + first] = x[:first]
+        self.norms2[self.position : self.position + first] = norms2[:first]
+        self.points[: n - first] = x[first:]
+        self.norms2[: n - first] = norms2[first:]
+        self.position = (self.position + n) % size
         self.filled = min(self.filled + len(x), size)
 
     def stored(self) -> tuple[NDArray[Any], NDArray[Any]]:
