@@ -634,7 +634,7 @@ class Tracker:
             "prada_w": self.prada_w,
             "coverage": coverage,
             "entropy": entropy,
-            "novelty": self.novelty,
+            **({"novelty": self.novelty} if self.config.novelty else {}),
             "near_duplicates": self._near.share,
             "low_margin": self._margins.share,
             "class_entropy": self.class_entropy(),
