@@ -78,6 +78,17 @@ def test_numeric_projection_preserves_distances_and_is_keyed() -> None:
     assert not np.allclose(Featurizer(b"another".ljust(32, b"."), 64).numeric(x[:3]), y[:3])
 
 
+def test_texts_are_hashed_alike_alone_and_together() -> None:
+    # A batch hashes all texts' 3-grams in one pass over their bytes: none may straddle two
+    # texts, whatever their lengths (empty, one or two bytes, multi-byte characters).
+    featurizer = Featurizer(KEY, dim=32)
+    texts = ["", "a", "ab", "abc", "Ünïcödé text", "日本語の文", "the cat", "", "x y z", "q" * 5000]
+    together = featurizer.texts(texts)
+    alone = np.vstack([featurizer.texts([t]) for t in texts])
+    assert np.array_equal(together, alone)
+    assert not together[0].any() and np.linalg.norm(together[3]) == pytest.approx(1.0)
+
+
 def test_text_features_measure_overlap() -> None:
     f = Featurizer(KEY, 128)
     t = f.texts(

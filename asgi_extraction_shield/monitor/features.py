@@ -63,33 +63,43 @@ class Featurizer:
         return out
 
     def texts(self, texts: Sequence[str]) -> Matrix:
-        """Texts → ``(n, dim)`` unit vectors of hashed words and character 3-grams."""
-        out = np.zeros((len(texts), self.dim))
-        for i, text in enumerate(texts):
-            self._hash_into(out[i], text[:MAX_TEXT_CHARS].lower())
+        """Texts → ``(n, dim)`` unit vectors of hashed words and character 3-grams.
+
+        All the texts' 3-grams are hashed in one pass over their bytes, and every count is
+        added in one ``np.add.at``: a handful of array operations for a batch of texts.
+        Counts are multiples of 0.5, so the order of the additions does not matter."""
+        n, dim, salt = len(texts), self.dim, self._salt
+        out = np.zeros((n, dim))
+        lowered = [text[:MAX_TEXT_CHARS].lower() for text in texts]
+        rows: list[int] = []
+        columns: list[int] = []
+        signs: list[float] = []
+        # Words: one keyed CRC per word (few per query).
+        for i, text in enumerate(lowered):
+            for word in _WORD.findall(text):
+                h = zlib.crc32(word.encode("utf-8", "surrogatepass"), salt)
+                rows.append(i)
+                columns.append(h % dim)
+                signs.append(1.0 if (h >> 31) & 1 else -1.0)
+        if rows:
+            np.add.at(out, (rows, columns), signs)
+        # Character 3-grams: a vectorised rolling hash over the UTF-8 bytes of all texts,
+        # keeping the 3-grams that lie within one text.
+        encoded = [text.encode("utf-8", "surrogatepass") for text in lowered]
+        data = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint64)
+        if len(data) >= 3:
+            owner = np.repeat(np.arange(n), [len(e) for e in encoded])
+            inside = owner[:-2] == owner[2:]
+            with np.errstate(over="ignore"):
+                h3 = (data[:-2] * np.uint64(65599) + data[1:-1]) * np.uint64(65599) + data[2:]
+                h3 = (h3[inside] ^ np.uint64(salt)) * np.uint64(0x9E3779B97F4A7C15)
+            index = ((h3 >> np.uint64(33)) % np.uint64(dim)).astype(np.int64)
+            sign = np.where((h3 >> np.uint64(7)) & np.uint64(1), 0.5, -0.5)
+            np.add.at(out, (owner[:-2][inside], index), sign)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         norms[norms == 0] = 1.0
         result: Matrix = out / norms
         return result
-
-    def _hash_into(self, row: Matrix, text: str) -> None:
-        salt = self._salt
-        dim = self.dim
-        # Words: one keyed CRC per word (few per query).
-        for word in _WORD.findall(text):
-            h = zlib.crc32(word.encode("utf-8", "surrogatepass"), salt)
-            row[h % dim] += 1.0 if (h >> 31) & 1 else -1.0
-        # Character 3-grams: a vectorised rolling hash over the UTF-8 bytes.
-        data = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8).astype(
-            np.uint64
-        )
-        if len(data) >= 3:
-            with np.errstate(over="ignore"):
-                h3 = (data[:-2] * np.uint64(65599) + data[1:-1]) * np.uint64(65599) + data[2:]
-                h3 = (h3 ^ np.uint64(salt)) * np.uint64(0x9E3779B97F4A7C15)
-            index = ((h3 >> np.uint64(33)) % np.uint64(dim)).astype(np.int64)
-            sign = np.where((h3 >> np.uint64(7)) & np.uint64(1), 0.5, -0.5)
-            np.add.at(row, index, sign)
 
     def embeddings(self, vectors: Matrix) -> Matrix:
         """Embedding outputs as features: unit vectors of ``dim`` dimensions."""
