@@ -218,7 +218,6 @@ class ExtractionMonitor:
         shared = self.shared
         entries: dict[str, tuple[Tracker, Members]] = {}  # each pool looked up once
         batches: dict[int, tuple[Tracker, list[Observation], list[list[int]]]] = {}
-        now = inbox[-1][3]
         for (key, own, _, now, pools), observation, buckets in zip(
             inbox, observations, self._buckets_of(observations), strict=True
         ):
@@ -238,7 +237,7 @@ class ExtractionMonitor:
             if shared is not None:
                 shared.record([key, *(p for p in pools if p != ALL)], observation)
         for tracker, fed, fed_buckets in batches.values():  # each tracker's at once
-            self._feed(tracker, fed, fed_buckets, now)
+            self._feed(tracker, fed, fed_buckets, now)  # (seen last at the queue's latest)
 
     def _one_by_one(self, inbox: list[_Queued]) -> tuple[list[_Queued], list[Observation]]:
         """The queue's observations request by request, without those that cannot be
