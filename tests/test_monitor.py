@@ -7,13 +7,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from asgi_extraction_shield import ConfigurationError, ShieldEvent
-from asgi_extraction_shield.formats.base import ParsedRequest
+from asgi_extraction_shield.formats.base import Outputs, ParsedRequest
 from asgi_extraction_shield.identity import Identity
 from asgi_extraction_shield.monitor import ExtractionMonitor, NullMonitor, SignalRule, risk_of
 from asgi_extraction_shield.monitor.detector import Members
@@ -780,3 +782,53 @@ def test_moving_average_is_the_stepwise_one(start: float) -> None:
             expected.append(s)
         got = _moving_average(start, values, 0.05, zero_starts=zero_starts)
         assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["observe", "answer", "forget", "flush", "big", "text"]),
+        st.integers(0, 5),  # which identity
+        st.integers(0, 3),  # which network
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_STEPS)
+def test_the_queue_loses_and_duplicates_nothing(steps: list[tuple[str, int, int]]) -> None:
+    # Any interleaving of requests (numeric, texts, large batches), answers, operators'
+    # lifts and folds: every observed query reaches its identity's tracker exactly once
+    # (unless lifted since) and its pools', and the queue stays bounded.
+    monitor = ExtractionMonitor(KEY, ShieldSettings().monitor.rules(), dim=16)
+    rng = np.random.default_rng(39)
+    sent: dict[str, int] = {}
+    pooled: dict[str, int] = {}
+    for action, who_n, net in steps:
+        who = identity(f"h{who_n}", f"198.51.{net}.{who_n + 1}")
+        if action == "forget":
+            monitor.forget(who.key)
+            sent.pop(who.key, None)
+        elif action == "flush":
+            monitor.flush()
+        elif action == "answer":
+            probabilities = rng.dirichlet(np.ones(4), size=2)
+            monitor.observe_outputs(who, Outputs([b"a", b"b"], probabilities=probabilities))
+        else:
+            if action == "text":
+                request = ParsedRequest(parsed=True, texts=["a query", "another one"])
+                queries = 2
+            else:
+                queries = 300 if action == "big" else 1
+                request = ParsedRequest(parsed=True, features=rng.normal(size=(queries, 8)))
+            assessment = monitor.observe(who, request)
+            assert 0.0 <= assessment.risk <= 1.0
+            sent[who.key] = sent.get(who.key, 0) + queries
+            net_pool = f"net:198.51.{net}.0/24"
+            pooled[net_pool] = pooled.get(net_pool, 0) + queries
+        assert len(monitor._inbox) <= 64 and monitor._inbox_queries < 1_024
+    monitor.flush()
+    for key, queries in sent.items():
+        assert monitor.identities[key].queries == queries
+    for key, queries in pooled.items():
+        assert monitor.pools[key][0].queries == queries
