@@ -136,7 +136,7 @@ class MonitorSettings(BaseModel):
         64,
         ge=8,
         le=4096,
-        description="Recent queries kept per identity (novelty, near-duplicates).",
+        description="Recent queries kept per identity (novelty, near-duplicates) and per pool (near-duplicates).",
     )
     simhash_bits: int = Field(
         6,
