@@ -300,6 +300,10 @@ class _TimedTransform:
         self.observe = observe
         self.elapsed = 0.0
 
+    @property
+    def observes_only(self) -> bool:
+        return bool(getattr(self.inner, "observes_only", False))
+
     def accepts(self, status: int, headers: Headers) -> bool:
         return self.inner.accepts(status, headers)
 

@@ -5,7 +5,9 @@ pass through as they come, so streaming responses stay streaming. With one, the
 response start is held until the first body message: a single-message body is rewritten
 whole and gets a correct ``Content-Length``; a multi-message body is rewritten chunk by
 chunk and sent without ``Content-Length``. If the transform fails, the original bytes
-are sent instead and the rest passes through untouched.
+are sent instead and the rest passes through untouched. A transform that only reads the
+response (``observes_only``: the monitor's margins, no perturbation) holds nothing back:
+the start and every chunk go out as they come, read on the way.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class Responder:
             if self.extra_headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
             if self.transform is not None and self._offered(message):
+                if getattr(self.transform, "observes_only", False):
+                    await self.send(message)  # nothing will change: no reason to hold it
+                    return
                 self.start = message
                 return
             self.transform = None
@@ -81,6 +86,14 @@ class Responder:
         assert transform is not None
         chunk = message.get("body", b"")
         more = message.get("more_body", False)
+        if self.start is None and getattr(transform, "observes_only", False):
+            try:  # read, for the monitor; the bytes go out as they came
+                transform.feed(chunk, more)
+            except Exception:
+                self._failed()
+                self.transform = None
+            await self.send(message)
+            return
         start, self.start = self.start, None
         try:
             out = transform.feed(chunk, more)

@@ -123,3 +123,43 @@ async def test_transform_failing_mid_stream_passes_the_rest_through(clock: FakeC
     async with client(shield(APP, clock, postprocessor=PostProcessor(fail_on=2))) as c:
         r = await c.get("/stream")
     assert r.content == b"aabbcdef"
+
+
+class Reading(Doubling):
+    """Only reads (``observes_only``): whatever ``feed`` returns must be ignored."""
+
+    observes_only = True
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        super().__init__(fail_on)
+        self.seen: list[bytes] = []
+
+    def feed(self, chunk: bytes, more_body: bool) -> bytes:
+        self.seen.append(chunk)
+        return super().feed(chunk, more_body)
+
+
+@pytest.mark.parametrize("fail_on", [None, 1])
+async def test_a_reading_transform_holds_nothing_back(fail_on: int | None) -> None:
+    from asgi_extraction_shield.responder import Responder
+
+    sent: list[dict[str, Any]] = []
+    reading = Reading(fail_on)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    responder = Responder(send, [(b"ratelimit", b"x")], reading)
+    start = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"11")],
+    }
+    await responder(start)
+    assert len(sent) == 1 and not reading.seen  # the start went out before any body
+    assert sent[0]["headers"][-1] == (b"ratelimit", b"x")
+    for part, more in ((b'{"p":', True), (b"[0.5]}", False)):
+        await responder({"type": "http.response.body", "body": part, "more_body": more})
+    assert [m["body"] for m in sent[1:]] == [b'{"p":', b"[0.5]}"]  # as they came
+    assert reading.seen == ([b'{"p":', b"[0.5]}"] if fail_on is None else [b'{"p":'])
+    assert sent[0]["headers"][1] == (b"content-length", b"11")

@@ -34,6 +34,10 @@ class ResponseTransform(Protocol):
         ...
 
 
+# A transform may also have ``observes_only = True``: it reads the response and never
+# changes it, so the response start and every chunk go out as they come.
+
+
 class PostProcessor(Protocol):
     def transform_for(
         self, identity: Identity, request: ParsedRequest, action: Action

@@ -56,6 +56,8 @@ class OutputTransform:
         self._buffer = b""
         self._stream = False
         self._passthrough = False
+        self.observes_only = not chain
+        """No processor: the response is read (for ``observe``), never changed."""
 
     def accepts(self, status: int, headers: Headers) -> bool:
         if not 200 <= status < 300:
