@@ -414,9 +414,9 @@ class ExtractionMonitor:
             if rows is None
             else self.buckets(rows - self._means[TEXT if observation.text else NUMERIC])
         )
-        self._feed(tracker, [observation], [buckets], now)
-        if pool is not None:
+        if pool is not None:  # a member before its queries are folded in (near-duplicates)
             pool[1].count(observation.identity, observation.queries)
+        self._feed(tracker, [observation], [buckets], now)
 
     def _feed(
         self,
