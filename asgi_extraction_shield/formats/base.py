@@ -224,12 +224,12 @@ def numeric_rows(items: list[Any]) -> NDArray[np.float64] | None:
     if not items:
         return None
     try:
-        array = np.asarray(items, dtype=np.float64)
+        matrix = np.asarray(items, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):
         return None
-    if array.ndim == 0 or array.shape[0] != len(items) or not np.isfinite(array).all():
+    if matrix.ndim == 0 or matrix.shape[0] != len(items) or not np.isfinite(matrix).all():
         return None
-    return array.reshape(len(items), -1)
+    return matrix.reshape(len(items), -1)
 
 
 _FLOATS = {float}
@@ -285,12 +285,12 @@ def numeric_matrix(value: Any) -> NDArray[np.float64] | None:
         elif len(row) != width:
             return None
     try:
-        array = np.asarray(value, dtype=np.float64)
+        matrix = np.asarray(value, dtype=np.float64)
     except (OverflowError, ValueError):
         return None
-    if not np.isfinite(array).all():
+    if not np.isfinite(matrix).all():
         return None
-    return array
+    return matrix
 
 
 def write_like(original: list[Any], values: NDArray[np.float64]) -> list[Any]:
