@@ -34,7 +34,7 @@ def with_headers(send: Send, extra_headers: list[tuple[bytes, bytes]]) -> Send:
 
 
 class Responder:
-    __slots__ = ("extra_headers", "send", "start", "transform", "transform_errors")
+    __slots__ = ("extra_headers", "reading", "send", "start", "transform", "transform_errors")
 
     def __init__(
         self,
@@ -45,6 +45,8 @@ class Responder:
         self.send = send
         self.extra_headers = extra_headers
         self.transform = transform
+        self.reading = bool(getattr(transform, "observes_only", False))
+        """The transform only reads the response: nothing is held back."""
         self.start: Message | None = None
         self.transform_errors = 0
 
@@ -54,7 +56,7 @@ class Responder:
             if self.extra_headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
             if self.transform is not None and self._offered(message):
-                if getattr(self.transform, "observes_only", False):
+                if self.reading:
                     await self.send(message)  # nothing will change: no reason to hold it
                     return
                 self.start = message
@@ -86,7 +88,7 @@ class Responder:
         assert transform is not None
         chunk = message.get("body", b"")
         more = message.get("more_body", False)
-        if self.start is None and getattr(transform, "observes_only", False):
+        if self.reading:
             try:  # read, for the monitor; the bytes go out as they came
                 transform.feed(chunk, more)
             except Exception:

@@ -131,7 +131,7 @@ def test_prada_waits_for_enough_distances() -> None:
 def test_request_and_answer_signals() -> None:
     tracker = Tracker(TrackerConfig(), 32, 0.0)
     for i in range(10):
-        tracker.observe_request(i % 2 == 0, (str(i), str(i + 1)), float(i))
+        tracker.observe_requests([i % 2 == 0], [(str(i), str(i + 1))], float(i))
     tracker.observe_answers(np.array([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05], [0.34, 0.33, 0.33]]))
     signals = tracker.signals()
     assert signals["distribution_requests"] == 0.5

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -50,7 +50,7 @@ from .base import Assessment
 from .features import Featurizer
 from .observation import Answers, Observation, SharedObservations
 from .risk import SignalRule, risk_of
-from .tracker import Tracker, TrackerConfig, answer_summary
+from .tracker import Tracker, TrackerConfig, answer_summary, stack_blocks
 
 logger = logging.getLogger("asgi_extraction_shield")
 Matrix = NDArray[np.float64]
@@ -186,11 +186,10 @@ class ExtractionMonitor:
         features = request.features
         self._inbox_queries += len(features) if features is not None else len(request.texts)
         cached, last = own.assessment, own.last
-        every = self.assess_every if own.requests < SETTLED else SETTLED_SLOWER * self.assess_every
         if (
             cached is None
             or last is None
-            or own.requests + own.queued - cached[0] >= every
+            or own.requests + own.queued - cached[0] >= self._every(own)
             or len(inbox) >= INBOX
             or self._inbox_queries >= INBOX_QUERIES
         ):
@@ -277,7 +276,7 @@ class ExtractionMonitor:
                 keys = [key, *(p for p in pools if p != ALL and entries[p] is not None)]
                 shared.record(keys, Answers(key, *answer_summary(probabilities)))
         for tracker, rows in batches.values():
-            tracker.observe_answers(_stack(rows))
+            tracker.observe_answers(stack_blocks(rows))
 
     def _observations(self, inbox: list[_Queued]) -> list[Observation]:
         """The queued requests' observations: numeric rows projected a width at a time,
@@ -294,7 +293,7 @@ class ExtractionMonitor:
                 texts.append(i)
         for group in widths.values():
             raw = [rows[i] for i in group]
-            _spread(self.featurizer.numeric(_stack(raw)), group, rows)
+            _spread(self.featurizer.numeric(stack_blocks(raw)), group, rows)
         if texts:
             hashed = self.featurizer.texts([t for i in texts for t in inbox[i][2].texts])
             _spread(hashed, texts, rows, [len(inbox[i][2].texts) for i in texts])
@@ -315,15 +314,8 @@ class ExtractionMonitor:
         """Each observation's SimHash buckets, of its rows centred on the running mean of
         their kind (moved by all of them first)."""
         out: list[list[int]] = [[]] * len(observations)
-        for kind in (NUMERIC, TEXT):
-            group = [
-                i
-                for i, o in enumerate(observations)
-                if o.rows is not None and o.text is (kind == TEXT)
-            ]
-            if not group:
-                continue
-            rows = _stack([observations[i].rows for i in group])
+        for kind, group in _by_kind(observations):
+            rows = stack_blocks([observations[i].rows for i in group])
             buckets = self.buckets(rows - self._centre(rows, kind))
             start = 0
             for i in group:
@@ -335,8 +327,7 @@ class ExtractionMonitor:
     def _assessment(self, key: str, pools: list[str]) -> Assessment:
         """The identity's risk: its own, or its pools' attributed to it when larger."""
         own = self.identities[key]
-        every = self.assess_every if own.requests < SETTLED else SETTLED_SLOWER * self.assess_every
-        risk, signals, scores = self._assess(own, every)
+        risk, signals, scores = self._assess(own, self._every(own))
         lifted = self._lifted.get(key) if self._lifted else None
         if lifted is not None and self.clock() < lifted:
             pools = []  # an operator judged it: only its own queries count, for a while
@@ -364,6 +355,10 @@ class ExtractionMonitor:
         if attributed_from is None:
             return self._own_assessment(own)
         return Assessment(risk, {**signals, **{f"score.{k}": v for k, v in scores.items()}})
+
+    def _every(self, own: Tracker) -> int:
+        """Requests between two assessments of an identity (fewer once it has settled)."""
+        return self.assess_every if own.requests < SETTLED else SETTLED_SLOWER * self.assess_every
 
     @staticmethod
     def _own_assessment(tracker: Tracker) -> Assessment:
@@ -433,57 +428,19 @@ class ExtractionMonitor:
             now,
         )
         pooled = tracker.on_near is not None  # a pool's: who asked each query
-        for kind in (NUMERIC, TEXT):
-            chosen = [
-                i
-                for i, o in enumerate(observations)
-                if o.rows is not None and o.text is (kind == TEXT)
-            ]
-            if chosen:
-                tracker.observe_queries(
-                    _stack([observations[i].rows for i in chosen]),
-                    [b for i in chosen for b in buckets[i]],
-                    [d for i in chosen for d in observations[i].digests],
-                    now,
-                    self._means[kind],
-                    [observations[i].identity for i in chosen for _ in observations[i].digests]
-                    if pooled
-                    else None,
-                )
+        for kind, chosen in _by_kind(observations):
+            tracker.observe_queries(
+                stack_blocks([observations[i].rows for i in chosen]),
+                [b for i in chosen for b in buckets[i]],
+                [d for i in chosen for d in observations[i].digests],
+                now,
+                self._means[kind],
+                [observations[i].identity for i in chosen for _ in observations[i].digests]
+                if pooled
+                else None,
+            )
 
     # -- pieces -----------------------------------------------------------------------------
-
-    def features(self, request: ParsedRequest) -> Matrix | None:
-        """Feature rows of a request's queries, centred on the running mean of all traffic.
-
-        Centring matters: hyperplanes and cosines through the origin say little about data
-        that all lies on one side of it (pixel values, counts, anything non-negative).
-        """
-        observation = self.observation("", request)
-        rows = observation.rows
-        return (
-            None
-            if rows is None
-            else rows - self._centre(rows, TEXT if observation.text else NUMERIC)
-        )
-
-    def observation(self, key: str, request: ParsedRequest) -> Observation:
-        """What the trackers need of one request of identity ``key``: its queries'
-        feature rows (not centred yet), flags and digests."""
-        rows: Matrix | None = None
-        text = False
-        if request.features is not None and len(request.features):
-            rows = self.featurizer.numeric(request.features)
-        elif request.texts:
-            rows, text = self.featurizer.texts(request.texts), True
-        return Observation(
-            key,
-            rows,
-            text,
-            bool(request.flags & DISTRIBUTION_FLAGS),
-            request.logit_bias_tokens,
-            _digests(request, rows),
-        )
 
     def _centre(self, rows: Matrix, index: int) -> Matrix:
         """The running mean of numeric or text features, or of embedding outputs (``index``:
@@ -638,21 +595,26 @@ class Members:
 
     def share_ratio(self, key: str) -> float:
         """The member's share of the pool's queries relative to an even share, capped at 1."""
-        if not self.total:
-            return 0.0
-        return min(1.0, self.counts.get(key, 0) / self.total * len(self.counts))
+        return self._ratio(self.counts.get(key, 0), self.total)
 
     def near_ratio(self, key: str) -> float:
         """The member's share of the pool's near-duplicates relative to an even share (among
         all members), capped at 1."""
-        if not self.near_total:
-            return 0.0
-        return min(1.0, self.near.get(key, 0) / self.near_total * len(self.counts))
+        return self._ratio(self.near.get(key, 0), self.near_total)
+
+    def _ratio(self, part: int, total: int) -> float:
+        return min(1.0, part / total * len(self.counts)) if total else 0.0
 
 
-def _stack(rows: list[Any]) -> Matrix:
-    """Row blocks as one matrix (the block itself when there is one)."""
-    return rows[0] if len(rows) == 1 else np.concatenate(rows)
+def _by_kind(observations: list[Observation]) -> Iterator[tuple[int, list[int]]]:
+    """The observations with rows, by kind: :data:`NUMERIC` ones, then :data:`TEXT` ones
+    (their indices, in order; kinds with none are skipped)."""
+    for kind in (NUMERIC, TEXT):
+        chosen = [
+            i for i, o in enumerate(observations) if o.rows is not None and o.text is (kind == TEXT)
+        ]
+        if chosen:
+            yield kind, chosen
 
 
 def _spread(

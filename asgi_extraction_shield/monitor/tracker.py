@@ -88,15 +88,6 @@ class _Ring:
         self.filled = 0
         self.position = 0
 
-    def push(self, value: float) -> float:
-        """Store ``value``; returns the value it replaced (0 while filling)."""
-        values = self.values
-        old = values[self.position] if self.filled == len(values) else 0
-        values[self.position] = value
-        self.position = (self.position + 1) % len(values)
-        self.filled = min(self.filled + 1, len(values))
-        return float(old)
-
     def extend(self, new: Any) -> None:
         """Store several values, oldest first (only the last ``size`` stay)."""
         new = np.asarray(new, dtype=self.values.dtype)
@@ -314,9 +305,6 @@ class Tracker:
 
     # -- observing -------------------------------------------------------------------------
 
-    def observe_request(self, distribution: bool, logit_bias: tuple[str, ...], now: float) -> None:
-        self.observe_requests([distribution], [logit_bias] if logit_bias else [], now)
-
     def observe_requests(
         self, distribution: list[bool], logit_bias: list[tuple[str, ...]], now: float
     ) -> None:
@@ -401,12 +389,8 @@ class Tracker:
         pending, self._pending_answers = self._pending_answers, []
         self._pending_answer_rows = 0
         summaries = _summaries(pending)
-        margins = (
-            np.concatenate([s[0] for s in summaries]) if len(summaries) > 1 else summaries[0][0]
-        )
-        labels = (
-            np.concatenate([s[1] for s in summaries]) if len(summaries) > 1 else summaries[0][1]
-        )
+        margins = stack_blocks([s[0] for s in summaries])
+        labels = stack_blocks([s[1] for s in summaries])
         self._margins.extend(margins < self.config.low_margin)
         self._classes_seen = max(self._classes_seen, *(s[2] for s in summaries))
         self._classes.extend(labels)
@@ -662,15 +646,20 @@ def _summaries(pending: list[_Answers]) -> list[Summary]:
     run: list[Matrix] = []
     for answers in pending:
         if run and (isinstance(answers, tuple) or run[0].shape[1] != answers.shape[1]):
-            out.append(answer_summary(np.concatenate(run) if len(run) > 1 else run[0]))
+            out.append(answer_summary(stack_blocks(run)))
             run = []
         if isinstance(answers, tuple):
             out.append(answers)
         else:
             run.append(answers)
     if run:
-        out.append(answer_summary(np.concatenate(run) if len(run) > 1 else run[0]))
+        out.append(answer_summary(stack_blocks(run)))
     return out
+
+
+def stack_blocks(blocks: list[Any]) -> NDArray[Any]:
+    """Blocks of rows (or values) as one array: the block itself when there is one."""
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def _bucket_coverage(buckets: NDArray[Any], bits: int) -> tuple[float, float]:
