@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeGuard, Union
 
 import numpy as np
 
@@ -333,7 +333,7 @@ def verify(
     if reference is not None and not isinstance(chosen, ReferenceScheme):
         raise VerificationError(f"{chosen.name} uses no reference model (drw does)")
     wkey = watermark_key(key, chosen.name)
-    if isinstance(suspect, os.PathLike) or (isinstance(suspect, str) and "://" not in suspect):
+    if _is_file(suspect):
         inputs, answers = load_pairs(suspect)
         inputs, answers = inputs[:probes], answers[:probes]
         if records is not None:
@@ -353,6 +353,11 @@ def verify(
     return chosen.test_against(wkey, inputs, outputs, referred, alpha)
 
 
+def _is_file(model: Suspect) -> TypeGuard[str | os.PathLike[str]]:
+    """Whether ``model`` names a JSONL file of answers (not a URL, not a callable)."""
+    return isinstance(model, os.PathLike) or (isinstance(model, str) and "://" not in model)
+
+
 def _ask(
     model: Suspect,
     inputs: Sequence[Any],
@@ -362,7 +367,7 @@ def _ask(
 ) -> list[Outputs]:
     """A model's answers to ``inputs``: a URL is asked, a callable called, and a JSONL
     file of ``{"input", "output"}`` lines looked up (it must answer every input)."""
-    if isinstance(model, os.PathLike) or (isinstance(model, str) and "://" not in model):
+    if _is_file(model):
         known, answers = load_pairs(model)
         by_input = {canonical(item): answer for item, answer in zip(known, answers, strict=True)}
         missing = sum(1 for item in inputs if canonical(item) not in by_input)

@@ -115,14 +115,30 @@ class DAWN(Watermark):
         n_classes: int,
         answers: Sequence[int | None] | None = None,
     ) -> tuple[NDArray[np.bool_], NDArray[np.int64]]:
-        """Whether each region is marked, and the keyed label of each query: drawn for its
-        *unit*, the region and the model's own answer there (``answers[i]``; a query whose
-        answer is unknown, ``None``, has the region alone as its unit)."""
-        marked = row_seeds(key, regions, b"mark").astype(np.float64) < self.rate * _TWO64
-        labels = (row_seeds(key, units(regions, answers), b"label") % np.uint64(n_classes)).astype(
-            np.int64
+        """Whether each region is marked, and the keyed label of each query (see
+        :meth:`marked` and :meth:`labels`)."""
+        return self.marked(key, regions), self.labels(key, regions, n_classes, answers)
+
+    def marked(self, key: bytes, regions: Sequence[bytes]) -> NDArray[np.bool_]:
+        """Whether each region is marked (a keyed draw at ``rate``)."""
+        marked: NDArray[np.bool_] = (
+            row_seeds(key, regions, b"mark").astype(np.float64) < self.rate * _TWO64
         )
-        return marked, labels
+        return marked
+
+    def labels(
+        self,
+        key: bytes,
+        regions: Sequence[bytes],
+        n_classes: int,
+        answers: Sequence[int | None] | None = None,
+    ) -> NDArray[np.int64]:
+        """The keyed label of each query: drawn for its *unit*, the region and the model's
+        own answer there (``answers[i]``; a query whose answer is unknown, ``None``, has the
+        region alone as its unit)."""
+        seeds = row_seeds(key, units(regions, answers), b"label")
+        labels: NDArray[np.int64] = (seeds % np.uint64(n_classes)).astype(np.int64)
+        return labels
 
     # -- marking ------------------------------------------------------------------------------
 
@@ -135,13 +151,17 @@ class DAWN(Watermark):
         if n_classes < 2 or (p is None and given is None):
             return False
         regions = self.regions(self.key, request.inputs)
-        marked = self.marks(self.key, regions, n_classes)[0]
+        marked = self.marked(self.key, regions)
         if not marked.any():
             return False
         rows = np.flatnonzero(marked)
         tops = np.argmax(p, axis=1) if p is not None else np.asarray(given)
         answers = tops.astype(np.int64).tolist()
-        labels = self.marks(self.key, regions, n_classes, answers)[1]
+        # Labels of the marked queries only: most batches have none, or few.
+        labels = np.zeros(len(regions), dtype=np.int64)
+        labels[rows] = self.labels(
+            self.key, [regions[i] for i in rows], n_classes, [answers[i] for i in rows]
+        )
         if p is not None:
             p = p.copy()
             top, c = tops[rows], labels[rows]

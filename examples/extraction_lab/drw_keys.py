@@ -16,24 +16,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPRegressor
 
 from asgi_extraction_shield.audit.attacks import knockoff
 from asgi_extraction_shield.formats.base import Outputs, batch_request
 from asgi_extraction_shield.formats.kserve_v1 import KServeV1
 from asgi_extraction_shield.postprocess.chain import Context
-from asgi_extraction_shield.watermark.base import watermark_key
 from asgi_extraction_shield.watermark.drw import DRW
 
 from .attacks import augment
-from .victim import Victim, load_data, scaled
+from .victim import Victim, load_data
+from .watermarks import _fit, _regressor, probes_of_owner
 
 SEED = 20261129
 PROBES = 8_000
@@ -56,10 +54,7 @@ def run(keys: int, answers: int, seed: int = SEED) -> list[KeyResult]:
     victim = Victim(data, seed)
     strategy = knockoff(augment)(data.x_pool, np.random.default_rng(seed), seed)
     queries = np.asarray([next(strategy) for _ in range(answers)])
-    probes = [*data.x_held.tolist()]
-    rng = np.random.default_rng(seed + 1)
-    while len(probes) < PROBES:
-        probes.append(augment(data.x_held[len(probes) % len(data.x_held)], rng).tolist())
+    probes = probes_of_owner(data, PROBES, seed)
     request = batch_request(KServeV1(), queries.tolist())
     clean = victim.predict_proba(queries)
     reference = one_by_one(victim.predict_proba(np.asarray(probes)))
@@ -70,15 +65,14 @@ def run(keys: int, answers: int, seed: int = SEED) -> list[KeyResult]:
         drw.bind(secret.encode())
         outputs = Outputs(request.keys, probabilities=clean.copy())
         drw.apply(outputs, Context(b"", "thief", request))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            copy = MLPRegressor(hidden_layer_sizes=(64,), max_iter=300, random_state=seed)
-            copy.fit(scaled(queries), outputs.probabilities)
-        raw = np.clip(copy.predict(scaled(np.asarray(probes))), 1e-6, None)
-        suspect = one_by_one(raw / raw.sum(axis=1, keepdims=True))
-        key = watermark_key(secret, "drw")
-        alone = drw.test(key, probes, suspect, SIGNIFICANCE)
-        against = drw.test_against(key, probes, suspect, reference, SIGNIFICANCE)
+        copy = _fit(
+            lambda: MLPRegressor(hidden_layer_sizes=(64,), max_iter=300, random_state=seed),
+            queries,
+            outputs.probabilities,
+        )
+        suspect = one_by_one(np.asarray(_regressor(copy)(probes)))
+        alone = drw.test(drw.key, probes, suspect, SIGNIFICANCE)
+        against = drw.test_against(drw.key, probes, suspect, reference, SIGNIFICANCE)
         results.append(KeyResult(secret, alone.statistic, against.statistic))
     return results
 

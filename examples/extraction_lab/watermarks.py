@@ -103,6 +103,16 @@ class WatermarkResult:
     seconds: float = 0.0
 
 
+def probes_of_owner(data: Any, n: int, seed: int) -> list[Any]:
+    """``drw``'s probes as the owner has them: the held-out digits, then augmented copies of
+    them (seeded by ``seed + 1``) up to ``n``."""
+    probes = [*data.x_held.tolist()]
+    rng = np.random.default_rng(seed + 1)
+    while len(probes) < n:
+        probes.append(augment(data.x_held[len(probes) % len(data.x_held)], rng).tolist())
+    return probes[:n]
+
+
 def _fit(make: Callable[[], Any], x: Array, y: Array) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -203,13 +213,8 @@ def run(
     marked = {tuple(r["input"]) for r in thief_records}
     result.marked_share = len(marked) / len(queries)
 
-    owner_probes = [*data.x_held.tolist()]
-    probe_rng = np.random.default_rng(config.seed + 1)
-    while len(owner_probes) < config.drw_probes:
-        owner_probes.append(
-            augment(data.x_held[len(owner_probes) % len(data.x_held)], probe_rng).tolist()
-        )
-    drw_records = [{"input": x} for x in owner_probes[: config.drw_probes]]
+    owner_probes = probes_of_owner(data, config.drw_probes, config.seed)
+    drw_records = [{"input": x} for x in owner_probes]
     # The verifiers look for the marks the shield made: the same parameters.
     drw_spec = DRW(marked_by_drw.k, marked_by_drw.eps, config.drw_nulls, marked_by_drw.features)
     dawn_spec = repr(dawn)
