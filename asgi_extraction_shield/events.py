@@ -13,8 +13,10 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
+
+from cachetools import LRUCache
 
 if TYPE_CHECKING:
     from .monitor.base import Assessment
@@ -121,7 +123,7 @@ class EventEmitter:
         self.log_interval = log_interval
         self.clock = clock
         self.max_tracked = max_tracked
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._last: LRUCache[tuple[str, str], tuple[float, int]] = LRUCache(max_tracked)
 
     async def emit(self, event: ShieldEvent) -> None:
         level = _LEVELS.get(event.kind, logging.INFO)
@@ -145,18 +147,14 @@ class EventEmitter:
             return event.to_json()
         key = (event.kind, event.identity)
         now = self.clock()
-        last = self._last.pop(key, None)
+        last = self._last.get(key)
         if last is not None and now - last[0] < self.log_interval:
-            self._last[key] = (last[0], last[1] + 1)  # re-inserted last: recently seen
+            self._last[key] = (last[0], last[1] + 1)
             return None
-        if len(self._last) >= self.max_tracked:
-            del self._last[next(iter(self._last))]
         self._last[key] = (now, 0)
         if not last or not last[1]:
             return event.to_json()
-        data = event.to_dict()
-        data["signals"] = {**data["signals"], "suppressed": last[1]}
-        return json.dumps(data, separators=(",", ":"), default=str)
+        return replace(event, signals={**event.signals, "suppressed": last[1]}).to_json()
 
 
 class AssessedSampler:

@@ -65,16 +65,18 @@ async def script_usec(raw: Any) -> float:
     return float(stats.get("cmdstat_evalsha", {}).get("usec", 0.0))
 
 
-async def fill(policy: RedisPolicy, memory: GradedPolicy, n: int, seed: int) -> None:
-    """``n`` identities, each updated with a risk in [watch, 1), 50 concurrent updates."""
+async def fill(policy: RedisPolicy, memory: GradedPolicy | None, n: int, seed: int) -> None:
+    """``n`` identities, each updated with a risk in [watch, 1), 50 concurrent updates (and
+    the same in ``memory``, when given)."""
     rng = np.random.default_rng(seed)
     risks = rng.uniform(0.3, 1.0, n)
     for start in range(0, n, 50):
         batch = [(Identity(f"ip:{i}", "ip"), Assessment(float(risks[i]))) for i in
                  range(start, min(n, start + 50))]  # fmt: skip
         await asyncio.gather(*(policy.update(who, a) for who, a in batch))
-        for who, a in batch:
-            await memory.update(who, a)
+        if memory is not None:
+            for who, a in batch:
+                await memory.update(who, a)
 
 
 async def updates(url: str, n: int, seed: int) -> dict[str, float]:
@@ -88,7 +90,7 @@ async def updates(url: str, n: int, seed: int) -> dict[str, float]:
         policy = RedisPolicy(storage)
         with script_as("UPDATE", script):
             await raw.config_resetstat()
-            await fill(policy, GradedPolicy(), n, seed)
+            await fill(policy, None, n, seed)
             usec[name] = await script_usec(raw) / n
         await storage.close()
     await raw.aclose()
@@ -105,7 +107,7 @@ async def admits(url: str, n: int, seed: int) -> dict[str, float]:
     policy = RedisPolicy(storage)
     limiter = Limiter(storage, Rate.parse("1000000/second"), burst=10**9)
     held = min(n, 1000)
-    await fill(policy, GradedPolicy(), held, seed)
+    await fill(policy, None, held, seed)
     who = [Identity(f"ip:{i}", "ip") for i in range(held)]
     usec: dict[str, float] = {}
     for name, script in (("tracked", redis_policy.ADMIT), ("untracked", UNTRACKED_ADMIT)):

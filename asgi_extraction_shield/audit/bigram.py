@@ -102,7 +102,7 @@ def text_copy_curve(
             completion = completions[i]
             if completion is not None:
                 copy.learn(prompts[i], completion)
-        learned = max(learned, min(budget, len(prompts)))
+        learned = min(budget, len(prompts))  # budgets go up
         agreement = next_word_agreement(copy, held)
         if agreement is None:
             return None

@@ -354,9 +354,13 @@ class _Audit:
         return answer.row
 
     def label(self, answer: Answer) -> int | None:
-        """A classifier answer's class: the argmax of its row, the label of a label."""
-        row = self.vector(answer)
-        return None if row is None else int(np.argmax(row))
+        """A classifier answer's class: the argmax of its row, the label of a label (within
+        the classes, as :meth:`vector` has it, without building its one-hot row)."""
+        if answer.row is None:
+            return None
+        if answer.kind == LABELS:
+            return min(max(int(answer.row[0]), 0), self.width - 1)
+        return int(np.argmax(answer.row))
 
     def attack(
         self,

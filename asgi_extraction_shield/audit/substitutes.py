@@ -130,6 +130,7 @@ def text_fidelity_curve(
     from sklearn.linear_model import LogisticRegression
 
     x_eval = word_features(texts_eval)
+    x = word_features(list(queries[: max(budgets, default=0)]))  # hashed once, row by row
     curve: dict[int, float] = {}
     for budget in sorted(set(budgets)):
         kept = [i for i in range(min(budget, len(queries))) if labels[i] is not None]
@@ -138,7 +139,7 @@ def text_fidelity_curve(
             guess = np.full(len(target_labels), y[0] if len(y) else 0, dtype=np.int64)
         else:
             model = LogisticRegression(C=10.0, max_iter=1000)
-            model.fit(word_features([queries[i] for i in kept]), y)
+            model.fit(x[kept], y)
             guess = np.asarray(model.predict(x_eval), dtype=np.int64)
         curve[budget] = float((guess == target_labels).mean())
     return {"label": curve}
