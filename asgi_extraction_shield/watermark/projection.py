@@ -44,10 +44,13 @@ def keyed_gaussian(key: bytes, label: str, shape: tuple[int, ...]) -> Matrix:
     return out
 
 
+@functools.lru_cache(maxsize=32)
 def keyed_uniform(key: bytes, label: str, size: int) -> Matrix:
-    """Uniforms in [0, 1) of ``size``, a pure function of ``(key, label, size)``."""
+    """Uniforms in [0, 1) of ``size``, a pure function of ``(key, label, size)`` (computed
+    once; read-only: callers share it)."""
     tag = f"{label}:{size}".encode()
     out: Matrix = np.random.default_rng(_seed(key, tag)).random(size)
+    out.setflags(write=False)
     return out
 
 
@@ -77,8 +80,9 @@ def directions(items: Sequence[Any]) -> Matrix | None:
 
 
 def projections(x: Matrix, key: bytes, label: str, m: int) -> Matrix:
-    """``(n, m)`` keyed projections ``⟨w_j, x̃⟩`` of unit directions ``x``."""
-    w = keyed_gaussian(key, label, (x.shape[1], m))
+    """``(n, m)`` keyed projections ``⟨w_j, x̃⟩`` of unit directions ``x`` (the keyed
+    matrix drawn once per key and width, not at every request)."""
+    w = _keyed_matrix(key, label, (x.shape[1], m))
     out: Matrix = x @ w
     return out
 
